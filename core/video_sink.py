@@ -1,0 +1,297 @@
+"""Writing videos in chunks with PyAV, with audio kept and the file appearing only when complete."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Iterator
+
+import av
+import numpy as np
+
+from .errors import LongEditError
+from .paths import atomic_output
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    label: str
+    extension: str  # "" for an image sequence (a folder)
+    container: str
+    codec: str
+    pix_fmt: str
+    copy_audio_codecs: tuple[str, ...]  # audio codecs this container takes as they are
+    audio_encoder: str  # used when the source audio cannot be copied, or for an AUDIO waveform
+
+
+OUTPUT_FORMATS = {
+    f.label: f
+    for f in (
+        OutputFormat("mp4 (h264)", ".mp4", "mp4", "libx264", "yuv420p",
+                     ("aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"), "aac"),
+        OutputFormat("mp4 (h265)", ".mp4", "mp4", "libx265", "yuv420p",
+                     ("aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"), "aac"),
+        OutputFormat("mov (ProRes 422 HQ)", ".mov", "mov", "prores_ks", "yuv422p10le",
+                     ("aac", "mp3", "alac", "pcm_s16le", "pcm_s24le", "pcm_f32le", "ac3"), "pcm_s16le"),
+        OutputFormat("png sequence", "", "image2", "png", "rgb24",
+                     (), "flac"),  # audio goes to audio.mka beside the frames
+        OutputFormat("mkv (FFV1 lossless)", ".mkv", "matroska", "ffv1", "yuv444p",
+                     ("aac", "mp3", "opus", "flac", "vorbis", "alac", "ac3", "pcm_s16le"), "flac"),
+    )
+}
+FORMAT_LABELS = tuple(OUTPUT_FORMATS)
+
+
+@dataclass(frozen=True)
+class AudioFromFile:
+    """Audio to copy packet by packet from `path` for [start_time, end_time) of its own timeline."""
+
+    path: str
+    start_time: float
+    end_time: float
+
+
+@dataclass(frozen=True)
+class AudioWaveform:
+    """Decoded audio (ComfyUI's AUDIO): float32 [channels, samples] starting at output time 0."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
+def to_fps_fraction(fps: float | Fraction) -> Fraction:
+    if fps <= 0:
+        raise LongEditError(f"The frame rate must be positive (got {fps}).", "set fps, e.g. 24.")
+    return Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
+
+
+class _AudioCopier:
+    """Copies source audio packets into the output, trimmed to the selection, as the video advances."""
+
+    def __init__(self, out: av.container.OutputContainer, src: AudioFromFile, encoder: str | None):
+        self.src = src
+        self.input = av.open(src.path)
+        self.in_stream = self.input.streams.audio[0]
+        self.encoder = encoder
+        tb = self.in_stream.time_base
+        self.offset = round(src.start_time / tb)
+        self.end = round(src.end_time / tb)
+        if encoder is None:
+            self.out_stream = out.add_stream_from_template(self.in_stream)
+            self._packets = self._copied()
+        else:
+            ctx = self.in_stream.codec_context
+            self.out_stream = out.add_stream(encoder, rate=ctx.sample_rate, layout=ctx.layout.name)
+            self._packets = self._reencoded()
+        self._pending = None
+        if src.start_time > 1.0:
+            self.input.seek(int((src.start_time - 1.0) / tb), stream=self.in_stream, backward=True)
+
+    def _copied(self) -> Iterator[av.Packet]:
+        for packet in self.input.demux(self.in_stream):
+            if packet.pts is None or packet.size == 0:
+                continue
+            if packet.pts < self.offset:
+                continue
+            if packet.pts >= self.end:
+                return
+            packet.pts -= self.offset
+            packet.dts = packet.pts if packet.dts is None else packet.dts - self.offset
+            packet.stream = self.out_stream
+            yield packet
+
+    def _reencoded(self) -> Iterator[av.Packet]:
+        # Trims sample-exactly; used only when the container cannot hold the source codec.
+        samples, rate = _decoded_audio(self.src)
+        yield from _encode_waveform(self.out_stream, samples, rate)
+
+    def mux_until(self, out: av.container.OutputContainer, seconds: float | None) -> None:
+        while True:
+            packet = self._pending or next(self._packets, None)
+            self._pending = None
+            if packet is None:
+                return
+            if seconds is not None and packet.pts is not None and packet.pts * packet.time_base > seconds:
+                self._pending = packet
+                return
+            out.mux(packet)
+
+    def close(self):
+        self.input.close()
+
+
+def _decoded_audio(src: AudioFromFile) -> tuple[np.ndarray, int]:
+    from .video_source import read_audio  # local: sinks do not otherwise need the reader
+
+    return read_audio(src.path, src.start_time, src.end_time)
+
+
+def _encode_waveform(stream, samples: np.ndarray, rate: int) -> Iterator[av.Packet]:
+    layout = "mono" if samples.shape[0] == 1 else "stereo" if samples.shape[0] == 2 else None
+    if layout is None:
+        samples = samples[:2]
+        layout = "stereo"
+    block = 4096
+    pts = 0
+    for i in range(0, samples.shape[1], block):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, i:i + block]), format="fltp",
+                                           layout=layout)
+        frame.sample_rate = rate
+        frame.pts = pts
+        pts += frame.samples
+        yield from stream.encode(frame)
+    yield from stream.encode(None)
+
+
+class _AudioEncoder:
+    def __init__(self, out, wave: AudioWaveform, encoder: str):
+        layout = "mono" if wave.samples.shape[0] == 1 else "stereo"
+        self.out_stream = out.add_stream(encoder, rate=wave.sample_rate, layout=layout)
+        self._packets = _encode_waveform(self.out_stream, wave.samples, wave.sample_rate)
+        self._pending = None
+
+    mux_until = _AudioCopier.mux_until
+
+    def close(self):
+        pass
+
+
+class VideoWriter:
+    """Write uint8 RGB frames chunk by chunk; the file appears at `final_path` only on a clean close.
+
+    Use as a context manager: an exception (interrupt, out of memory, bad frame) removes the partial file.
+    Audio is interleaved as the video advances, so nothing waits in memory for the end.
+    """
+
+    def __init__(self, final_path: str, fmt: str, fps: float | Fraction, width: int, height: int,
+                 crf: int = 19, audio: AudioFromFile | AudioWaveform | None = None,
+                 metadata: dict | None = None):
+        if fmt not in OUTPUT_FORMATS:
+            raise LongEditError(f"Unknown output format '{fmt}'.", f"pick one of {FORMAT_LABELS}.")
+        self.format = OUTPUT_FORMATS[fmt]
+        self.final_path = final_path
+        self.fps = to_fps_fraction(fps)
+        self.size = (width, height)
+        self.crf = crf
+        self.audio_source = audio
+        self.metadata = metadata or {}
+        self.frames_written = 0
+        self._atomic = None
+        self._container = None
+        self._audio = None
+        self._audio_container = None
+
+    # -- setup -------------------------------------------------------------------------------------
+    def __enter__(self) -> "VideoWriter":
+        self._atomic = atomic_output(self.final_path)
+        tmp = self._atomic.__enter__()
+        try:
+            self._open(tmp)
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def _open(self, tmp: str) -> None:
+        fmt = self.format
+        width, height = self.size
+        if fmt.container == "image2":
+            os.makedirs(tmp)
+            self._container = av.open(os.path.join(tmp, "%06d.png"), "w", format="image2")
+        else:
+            options = {"movflags": "use_metadata_tags"} if fmt.container in ("mp4", "mov") else {}
+            self._container = av.open(tmp, "w", format=fmt.container, options=options)
+            for key, value in self.metadata.items():
+                self._container.metadata[key] = value if isinstance(value, str) else json.dumps(value)
+        stream = self._container.add_stream(fmt.codec, rate=self.fps)
+        stream.width, stream.height = width + width % 2, height + height % 2
+        if fmt.pix_fmt == "rgb24" or fmt.codec == "prores_ks":
+            stream.width, stream.height = width, height  # no chroma subsampling: any size
+        stream.pix_fmt = fmt.pix_fmt
+        if fmt.codec in ("libx264", "libx265"):
+            stream.options = {"crf": str(self.crf), "preset": "medium" if fmt.codec == "libx264" else "fast"}
+            if fmt.codec == "libx265":
+                stream.options["x265-params"] = "log-level=error"
+        if fmt.codec == "prores_ks":
+            stream.options = {"profile": "3"}  # 422 HQ
+        self._stream = stream
+        if self.audio_source is not None:
+            self._audio = self._open_audio(tmp)
+
+    def _open_audio(self, tmp: str):
+        fmt = self.format
+        target = self._container
+        if fmt.container == "image2":
+            self._audio_container = av.open(os.path.join(tmp, "audio.mka"), "w", format="matroska")
+            target = self._audio_container
+            copyable = ("aac", "mp3", "opus", "flac", "vorbis", "alac", "ac3", "pcm_s16le", "pcm_s24le")
+        else:
+            copyable = fmt.copy_audio_codecs
+        src = self.audio_source
+        if isinstance(src, AudioWaveform):
+            return _AudioEncoder(target, src, fmt.audio_encoder)
+        with av.open(src.path) as probe:
+            if not probe.streams.audio:
+                return None
+            codec = probe.streams.audio[0].codec_context.name
+        return _AudioCopier(target, src, None if codec in copyable else fmt.audio_encoder)
+
+    # -- writing -----------------------------------------------------------------------------------
+    def write(self, frames: np.ndarray) -> None:
+        """Append uint8 frames [n, H, W, 3]."""
+        width, height = self.size
+        if frames.ndim != 4 or frames.shape[1:] != (height, width, 3) or frames.dtype != np.uint8:
+            raise LongEditError(
+                f"Frames of shape {tuple(frames.shape)} {frames.dtype} do not match the video being written "
+                f"({height}x{width}x3 uint8).", "give every chunk the same size.")
+        pad_w, pad_h = self._stream.width - width, self._stream.height - height
+        for image in frames:
+            if pad_w or pad_h:  # yuv420p needs even sides: repeat the last row/column
+                image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = self.frames_written
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+            self.frames_written += 1
+        if self._audio is not None:
+            self._audio.mux_until(self._audio_container or self._container, self.frames_written / float(self.fps))
+
+    # -- finishing ---------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        if self._audio is not None:
+            self._audio.mux_until(self._audio_container or self._container, None)
+            self._audio.close()
+        if self._audio_container is not None:
+            self._audio_container.close()
+        self._container.close()
+
+    def _abort(self) -> None:
+        for closer in (self._audio, self._audio_container, self._container):
+            try:
+                if closer is not None:
+                    closer.close()
+            except Exception:  # the partial file is removed below whatever state it is in
+                pass
+        if self._atomic is not None:
+            try:
+                self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            except RuntimeError:
+                pass
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._abort()
+            return False
+        if self.frames_written == 0:
+            self._abort()
+            raise LongEditError("No frames were given to write; nothing was saved.", "check the input frames.")
+        try:
+            self._finish()
+        except BaseException:
+            self._abort()
+            raise
+        self._atomic.__exit__(None, None, None)
+        return False

@@ -1,0 +1,13 @@
+"""ComfyUI nodes of LongEdit: thin wrappers that declare inputs/outputs and call core."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .video_encode import EncodeLongVideo
+from .video_load import LoadLongVideo
+from .video_save import DecodeSaveLongVideo, SaveLongVideo
+
+
+class LongEditExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo]

@@ -1,0 +1,63 @@
+"""The few ComfyUI services our nodes share: directories, progress, interrupts, memory, output names."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..core.memory import frames_per_chunk
+
+LongVideoType = io.Custom("LONGEDIT_VIDEO")
+
+
+def allowed_roots() -> list[str]:
+    """Where file inputs may come from: ComfyUI's input, output and temp directories."""
+    return [folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+            folder_paths.get_temp_directory()]
+
+
+def scratch_dir() -> str:
+    path = os.path.join(folder_paths.get_temp_directory(), "longedit")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class Progress:
+    """A node's progress bar that also stops promptly when the user presses Cancel."""
+
+    def __init__(self, total: int):
+        self.total = max(1, total)
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def check(self) -> None:
+        mm.throw_exception_if_processing_interrupted()
+
+    def update(self, done: int) -> None:
+        self.bar.update_absolute(done, self.total)
+
+
+def vae_chunk(vae, per_frame_shape: tuple[int, ...], encode: bool, host_bytes_per_frame: int) -> int:
+    """Frames per VAE call from the free memory of the VAE's device and ComfyUI's own VAE cost model."""
+    cost = vae.memory_used_encode if encode else vae.memory_used_decode
+    need = int(cost(per_frame_shape, vae.vae_dtype))
+    return frames_per_chunk(mm.get_free_memory(vae.device), need, host_bytes_per_frame)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """IMAGE floats in [0, 1] -> uint8 RGB (drops an alpha channel)."""
+    return (images[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def output_target(prefix: str, extension: str, width: int, height: int) -> tuple[str, str, str]:
+    """(final path, file name, subfolder) for a new output; ComfyUI's counter never reuses a name."""
+    out_dir = folder_paths.get_output_directory()
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, out_dir, width, height)
+    os.makedirs(folder, exist_ok=True)
+    filename = f"{name}_{counter:05}_{extension}"
+    return os.path.join(folder, filename), filename, subfolder

@@ -1,0 +1,164 @@
+"""Load Video (LongEdit): a lazy handle on a long video, plus IMAGE, AUDIO, fps and frame count."""
+from __future__ import annotations
+
+import hashlib
+import io as pyio
+import os
+
+import torch
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..core.errors import LongEditError
+from ..core.paths import resolve_inside
+from ..core.video_sink import AudioWaveform, VideoWriter
+from ..core.video_source import RESIZE_MODES, START_UNITS, Selection, probe_video, read_audio, read_frames, select_frames
+from .comfy_glue import LongVideoType, allowed_roots, scratch_dir, to_uint8
+
+IMAGES_FIRST = "first frame only"
+IMAGES_ALL = "all selected frames"
+
+
+def _input_videos() -> list[str]:
+    input_dir = folder_paths.get_input_directory()
+    files = [f for f in os.listdir(input_dir) if os.path.isfile(os.path.join(input_dir, f))]
+    return sorted(folder_paths.filter_files_content_types(files, ["video"]))
+
+
+def _resolve(video: str, path: str) -> str:
+    if path.strip():
+        return resolve_inside(path.strip(), allowed_roots(), base=folder_paths.get_input_directory())
+    if not video:
+        raise LongEditError("No video was chosen.", "upload a video or pick one from the list.")
+    return resolve_inside(folder_paths.get_annotated_filepath(video), allowed_roots())
+
+
+def _from_core_video(video) -> str:
+    """A file path for ComfyUI's VIDEO type: its own file, or a lossless copy in ComfyUI's temp dir."""
+    source = video.get_stream_source() if hasattr(video, "get_stream_source") else None
+    if isinstance(source, str):
+        return source
+    if isinstance(source, pyio.BytesIO):
+        data = source.getvalue()
+        path = os.path.join(scratch_dir(), f"video_{hashlib.sha1(data).hexdigest()[:16]}.bin")
+        if not os.path.exists(path):
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)
+        return path
+    components = video.get_components()  # frames already in memory (e.g. from Create Video)
+    images = components.images
+    path = os.path.join(scratch_dir(), f"video_{id(video):x}_{images.shape[0]}.mkv")
+    audio = None
+    if components.audio is not None:
+        audio = AudioWaveform(components.audio["waveform"][0].float().cpu().numpy(),
+                              int(components.audio["sample_rate"]))
+    if os.path.exists(path):
+        os.remove(path)
+    with VideoWriter(path, "mkv (FFV1 lossless)", components.frame_rate, images.shape[2], images.shape[1],
+                     audio=audio) as writer:
+        for i in range(0, images.shape[0], 64):
+            writer.write(to_uint8(images[i:i + 64]))
+    return path
+
+
+class LoadLongVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LongEditLoadVideo",
+            display_name="Load Video (LongEdit)",
+            category="LongEdit/video",
+            description=(
+                "Opens a video lazily: only timestamps are read here, frames are decoded later in chunks by "
+                "Encode Video / Save nodes, so 10,000-frame videos do not fill RAM."),
+            inputs=[
+                io.Combo.Input("video", options=_input_videos(), upload=io.UploadType.video,
+                               tooltip="A video in ComfyUI's input directory (use the upload button to add one)."),
+                io.Float.Input("start", default=0, min=0, max=1e9, step=1,
+                               tooltip="Where the selection begins, in the unit chosen below."),
+                io.Combo.Input("start_unit", options=list(START_UNITS), default="frame",
+                               tooltip="'frame': start is a source frame index; 'second': a time from the start."),
+                io.Int.Input("frame_cap", default=0, min=0, max=1_000_000,
+                             tooltip="Take at most this many frames (after every_nth). 0 takes all."),
+                io.Int.Input("every_nth", default=1, min=1, max=1000,
+                             tooltip="Keep every n-th frame; the frame rate is divided by n so timing is kept."),
+                io.Float.Input("force_fps", default=0, min=0, max=240, step=0.001,
+                               tooltip="Resample to this frame rate (frames are repeated or dropped). 0 keeps the "
+                                       "source rate; a variable-rate source is put on a grid of its mean rate."),
+                io.Int.Input("width", default=0, min=0, max=16384, step=8,
+                             tooltip="Output width. 0: from the source (or from height, keeping the aspect)."),
+                io.Int.Input("height", default=0, min=0, max=16384, step=8,
+                             tooltip="Output height. 0: from the source (or from width, keeping the aspect)."),
+                io.Combo.Input("resize_mode", options=list(RESIZE_MODES), default="crop",
+                               tooltip="crop: fill the size and cut the overflow; pad: fit inside and add black "
+                                       "bars; stretch: ignore the aspect ratio."),
+                io.Combo.Input("size_multiple", options=["8", "16", "64"], default="8",
+                               tooltip="Round the output sides down to this multiple (SD VAEs need 8)."),
+                io.Combo.Input("images", options=[IMAGES_FIRST, IMAGES_ALL], default=IMAGES_FIRST,
+                               tooltip="What the IMAGE output holds. Long videos should stay on the 'video' "
+                                       "output, which streams; 'all selected frames' decodes them into RAM."),
+                io.Int.Input("image_frame_cap", default=256, min=1, max=100_000,
+                             tooltip="With 'all selected frames', refuse selections longer than this "
+                                     "(float32 RGB costs width x height x 12 bytes per frame)."),
+                io.String.Input("path", default="", optional=True,
+                                tooltip="Optional: a file path inside ComfyUI's input or output directory "
+                                        "(relative paths start at input/). Overrides 'video'."),
+                io.Video.Input("video_in", optional=True,
+                               tooltip="Optional: a VIDEO from ComfyUI's own nodes. Overrides 'video' and 'path'."),
+            ],
+            outputs=[
+                LongVideoType.Output(display_name="video",
+                                     tooltip="Lazy handle for Encode Video and the save nodes (no frames decoded)."),
+                io.Image.Output(display_name="images", tooltip="See the 'images' input."),
+                io.Audio.Output(display_name="audio", tooltip="The audio of the selected range (None if silent)."),
+                io.Float.Output(display_name="fps", tooltip="Frame rate of the selection."),
+                io.Int.Output(display_name="frame_count", tooltip="Frames in the selection."),
+                io.String.Output(display_name="info", tooltip="A one-line description of source and selection."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, video, path=None):
+        # Listing only these keeps ComfyUI's own range and option checks for every other input.
+        if not (path or "").strip() and not folder_paths.exists_annotated_filepath(video):
+            return f"Invalid video file: {video} (upload it, or pick one from the list)"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, video, path=None, video_in=None, **kwargs):
+        if video_in is not None:
+            return float("nan")  # compare by the upstream node instead
+        try:
+            real = _resolve(video, path or "")
+            stat = os.stat(real)
+            return f"{real}:{stat.st_mtime_ns}:{stat.st_size}"
+        except LongEditError as e:
+            return str(e)
+
+    @classmethod
+    def execute(cls, video, start, start_unit, frame_cap, every_nth, force_fps, width, height, resize_mode,
+                size_multiple, images, image_frame_cap, path="", video_in=None) -> io.NodeOutput:
+        source = _from_core_video(video_in) if video_in is not None else _resolve(video, path or "")
+        selection = Selection(start=start, start_unit=start_unit, frame_cap=frame_cap, every_nth=every_nth,
+                              force_fps=force_fps, width=width, height=height, resize_mode=resize_mode,
+                              multiple=int(size_multiple))
+        long_video = select_frames(probe_video(source), selection)
+        count = long_video.frame_count
+        if images == IMAGES_ALL and count > image_frame_cap:
+            gb = count * long_video.width * long_video.height * 12 / 1e9
+            raise LongEditError(
+                f"'all selected frames' would decode {count} frames into RAM ({gb:.1f} GB as IMAGE), more than "
+                f"image_frame_cap={image_frame_cap}.",
+                "connect the 'video' output to Encode Video / Save instead (they stream), or raise "
+                "image_frame_cap, or lower frame_cap.")
+        frames = read_frames(long_video, 0, count if images == IMAGES_ALL else 1)
+        image_tensor = torch.from_numpy(frames).float().div_(255.0)
+        audio = read_audio(source, long_video.start_time, long_video.end_time) if long_video.source.audio else None
+        audio_out = None
+        if audio is not None:
+            audio_out = {"waveform": torch.from_numpy(audio[0]).unsqueeze(0), "sample_rate": audio[1]}
+        info = long_video.describe()
+        return io.NodeOutput(long_video, image_tensor, audio_out, float(long_video.fps), count, info,
+                             ui={"text": [info]})

@@ -1,0 +1,140 @@
+"""A real ComfyUI server with this pack installed, for the integration and browser tests.
+
+Needs COMFYUI_PATH (a ComfyUI checkout) and, for its Python, COMFYUI_VENV (or the current interpreter).
+The server runs with `--base-directory` in a temporary folder holding `custom_nodes/longedit` (a link to
+this repository, loaded by ComfyUI's own custom-node loader), fresh input/output/temp folders and a link
+to the checkout's models, so nothing in the checkout or the repository is modified.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CKPT = "random_sd21.safetensors"
+
+
+def _comfy_python(comfy: Path) -> str:
+    venv = os.environ.get("COMFYUI_VENV")
+    return str(Path(venv) / "bin" / "python") if venv else sys.executable
+
+
+def _ckpt_maker() -> Path | None:
+    for candidate in (os.environ.get("LONGEDIT_COMFY_TOOLS"), REPO.parent / "shared" / "tools" / "comfyui"):
+        if candidate and (Path(candidate) / "make_random_ckpt.py").exists():
+            return Path(candidate) / "make_random_ckpt.py"
+    return None
+
+
+def ensure_checkpoint(comfy: Path, python: str) -> None:
+    target = comfy / "models" / "checkpoints" / CKPT
+    if target.exists():
+        return
+    maker = _ckpt_maker()
+    if maker is None:
+        pytest.skip(f"integration: {target} is missing and make_random_ckpt.py was not found "
+                    "(set LONGEDIT_COMFY_TOOLS to the folder holding it)")
+    subprocess.run([python, str(maker), "--comfy", str(comfy), "--arch", "sd21"], check=True)
+
+
+class ComfyServer:
+    def __init__(self, url: str, base: Path, process: subprocess.Popen, log: Path):
+        self.url, self.base, self.process, self.log = url, base, process, log
+        self.input_dir = base / "input"
+        self.output_dir = base / "output"
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, payload: dict):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, timeout: float = 900) -> dict:
+        """Queue an API-format prompt and wait; returns the history entry (status, outputs)."""
+        status, body = self.post("/prompt", {"prompt": prompt})
+        if status != 200:
+            return {"rejected": body}
+        prompt_id = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited; log:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def execution_error(entry: dict) -> str | None:
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return data.get("exception_message", "")
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_comfy(base: Path) -> ComfyServer:
+    """Start ComfyUI on a free loopback port with `base` as its base directory; skip if not available."""
+    root = os.environ.get("COMFYUI_PATH")
+    if not root:
+        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")
+    comfy_dir = Path(root)
+    if not (comfy_dir / "main.py").exists():
+        pytest.skip(f"integration tier: COMFYUI_PATH={root} holds no ComfyUI main.py")
+    python = _comfy_python(comfy_dir)
+    ensure_checkpoint(comfy_dir, python)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "longedit").symlink_to(REPO, target_is_directory=True)
+    (base / "models").symlink_to(comfy_dir / "models", target_is_directory=True)
+    for sub in ("input", "output", "temp", "user"):
+        (base / sub).mkdir()
+    port = _free_port()
+    log = base / "comfy.log"
+    process = subprocess.Popen(
+        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+         str(base), "--disable-auto-launch"],
+        cwd=comfy_dir, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    server = ComfyServer(f"http://127.0.0.1:{port}", base, process, log)
+    deadline = time.time() + 300
+    while True:
+        try:
+            server.get("/object_info/CheckpointLoaderSimple")
+            break
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                raise RuntimeError(f"ComfyUI did not start; log:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+    return server
+
+
+def stop_comfy(server: ComfyServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
