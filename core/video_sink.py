@@ -36,7 +36,7 @@ OUTPUT_FORMATS = {
                      ("aac", "mp3", "alac", "pcm_s16le", "pcm_s24le", "pcm_f32le", "ac3"), "pcm_s16le"),
         OutputFormat("png sequence", "", "image2", "png", "rgb24",
                      (), "flac"),  # audio goes to audio.mka beside the frames
-        OutputFormat("mkv (FFV1 lossless)", ".mkv", "matroska", "ffv1", "yuv444p",
+        OutputFormat("mkv (FFV1 lossless)", ".mkv", "matroska", "ffv1", "bgr0",
                      ("aac", "mp3", "opus", "flac", "vorbis", "alac", "ac3", "pcm_s16le"), "flac"),
     )
 }
@@ -66,45 +66,13 @@ def to_fps_fraction(fps: float | Fraction) -> Fraction:
     return Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
 
 
-class _AudioCopier:
-    """Copies source audio packets into the output, trimmed to the selection, as the video advances."""
+class _AudioTrack:
+    """Muxes audio packets into the output as the video advances (so nothing waits in memory)."""
 
-    def __init__(self, out: av.container.OutputContainer, src: AudioFromFile, encoder: str | None):
-        self.src = src
-        self.input = av.open(src.path)
-        self.in_stream = self.input.streams.audio[0]
-        self.encoder = encoder
-        tb = self.in_stream.time_base
-        self.offset = round(src.start_time / tb)
-        self.end = round(src.end_time / tb)
-        if encoder is None:
-            self.out_stream = out.add_stream_from_template(self.in_stream)
-            self._packets = self._copied()
-        else:
-            ctx = self.in_stream.codec_context
-            self.out_stream = out.add_stream(encoder, rate=ctx.sample_rate, layout=ctx.layout.name)
-            self._packets = self._reencoded()
+    def __init__(self, packets: Iterator[av.Packet], closer=None):
+        self._packets = packets
         self._pending = None
-        if src.start_time > 1.0:
-            self.input.seek(int((src.start_time - 1.0) / tb), stream=self.in_stream, backward=True)
-
-    def _copied(self) -> Iterator[av.Packet]:
-        for packet in self.input.demux(self.in_stream):
-            if packet.pts is None or packet.size == 0:
-                continue
-            if packet.pts < self.offset:
-                continue
-            if packet.pts >= self.end:
-                return
-            packet.pts -= self.offset
-            packet.dts = packet.pts if packet.dts is None else packet.dts - self.offset
-            packet.stream = self.out_stream
-            yield packet
-
-    def _reencoded(self) -> Iterator[av.Packet]:
-        # Trims sample-exactly; used only when the container cannot hold the source codec.
-        samples, rate = _decoded_audio(self.src)
-        yield from _encode_waveform(self.out_stream, samples, rate)
+        self._closer = closer
 
     def mux_until(self, out: av.container.OutputContainer, seconds: float | None) -> None:
         while True:
@@ -117,44 +85,58 @@ class _AudioCopier:
                 return
             out.mux(packet)
 
-    def close(self):
-        self.input.close()
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer.close()
 
 
-def _decoded_audio(src: AudioFromFile) -> tuple[np.ndarray, int]:
+def _copied_audio(out: av.container.OutputContainer, src: AudioFromFile) -> _AudioTrack:
+    """Source packets in [start, end), untouched but for their timestamps (trim exact to one packet)."""
+    container = av.open(src.path)
+    stream = container.streams.audio[0]
+    out_stream = out.add_stream_from_template(stream)
+    tb = stream.time_base
+    offset, end = round(src.start_time / tb), round(src.end_time / tb)
+    if src.start_time > 1.0:
+        container.seek(int((src.start_time - 1.0) / tb), stream=stream, backward=True)
+
+    def packets() -> Iterator[av.Packet]:
+        for packet in container.demux(stream):
+            if packet.pts is None or packet.size == 0 or packet.pts < offset:
+                continue
+            if packet.pts >= end:
+                return
+            packet.pts -= offset
+            packet.dts = packet.pts if packet.dts is None else packet.dts - offset
+            packet.stream = out_stream
+            yield packet
+
+    return _AudioTrack(packets(), closer=container)
+
+
+def _encoded_audio(out: av.container.OutputContainer, wave: AudioWaveform, encoder: str) -> _AudioTrack:
+    samples = wave.samples[:2]  # the encoders used here take mono or stereo
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
+    stream = out.add_stream(encoder, rate=wave.sample_rate, layout=layout)
+
+    def packets() -> Iterator[av.Packet]:
+        block, pts = 4096, 0
+        for i in range(0, samples.shape[1], block):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, i:i + block], dtype=np.float32),
+                                               format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = wave.sample_rate, pts
+            pts += frame.samples
+            yield from stream.encode(frame)
+        yield from stream.encode(None)
+
+    return _AudioTrack(packets())
+
+
+def _source_waveform(src: AudioFromFile) -> AudioWaveform:
     from .video_source import read_audio  # local: sinks do not otherwise need the reader
 
-    return read_audio(src.path, src.start_time, src.end_time)
-
-
-def _encode_waveform(stream, samples: np.ndarray, rate: int) -> Iterator[av.Packet]:
-    layout = "mono" if samples.shape[0] == 1 else "stereo" if samples.shape[0] == 2 else None
-    if layout is None:
-        samples = samples[:2]
-        layout = "stereo"
-    block = 4096
-    pts = 0
-    for i in range(0, samples.shape[1], block):
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, i:i + block]), format="fltp",
-                                           layout=layout)
-        frame.sample_rate = rate
-        frame.pts = pts
-        pts += frame.samples
-        yield from stream.encode(frame)
-    yield from stream.encode(None)
-
-
-class _AudioEncoder:
-    def __init__(self, out, wave: AudioWaveform, encoder: str):
-        layout = "mono" if wave.samples.shape[0] == 1 else "stereo"
-        self.out_stream = out.add_stream(encoder, rate=wave.sample_rate, layout=layout)
-        self._packets = _encode_waveform(self.out_stream, wave.samples, wave.sample_rate)
-        self._pending = None
-
-    mux_until = _AudioCopier.mux_until
-
-    def close(self):
-        pass
+    samples, rate = read_audio(src.path, src.start_time, src.end_time)
+    return AudioWaveform(samples, rate)
 
 
 class VideoWriter:
@@ -230,12 +212,14 @@ class VideoWriter:
             copyable = fmt.copy_audio_codecs
         src = self.audio_source
         if isinstance(src, AudioWaveform):
-            return _AudioEncoder(target, src, fmt.audio_encoder)
+            return _encoded_audio(target, src, fmt.audio_encoder)
         with av.open(src.path) as probe:
             if not probe.streams.audio:
                 return None
             codec = probe.streams.audio[0].codec_context.name
-        return _AudioCopier(target, src, None if codec in copyable else fmt.audio_encoder)
+        if codec in copyable:
+            return _copied_audio(target, src)
+        return _encoded_audio(target, _source_waveform(src), fmt.audio_encoder)  # exact trim, re-encoded
 
     # -- writing -----------------------------------------------------------------------------------
     def write(self, frames: np.ndarray) -> None:

@@ -395,6 +395,7 @@ def read_audio(path: str, start_time: float, end_time: float) -> tuple[np.ndarra
         channels = stream.codec_context.channels
         out = np.zeros((channels, total), dtype=np.float32)
         written = 0
+        next_f0 = None
         if start_time > 1.0:
             container.seek(int((start_time - 1.0) / float(stream.time_base)), stream=stream, backward=True)
         try:
@@ -402,6 +403,8 @@ def read_audio(path: str, start_time: float, end_time: float) -> tuple[np.ndarra
                 if frame.pts is None:
                     continue
                 f0 = round(frame.pts * float(stream.time_base) * rate)
+                if next_f0 is not None and abs(f0 - next_f0) <= rate // 500 + 1:
+                    f0 = next_f0  # contiguous: containers such as mkv round timestamps to 1 ms
                 for res in resampler.resample(frame):
                     data = res.to_ndarray()  # [channels, n] for planar formats
                     lo, hi = max(f0, first), min(f0 + data.shape[1], first + total)
@@ -409,6 +412,7 @@ def read_audio(path: str, start_time: float, end_time: float) -> tuple[np.ndarra
                         out[:, lo - first:hi - first] = data[:, lo - f0:hi - f0]
                         written = max(written, hi - first)
                     f0 += data.shape[1]
+                next_f0 = f0
                 if f0 >= first + total:
                     break
         except av.error.FFmpegError as e:
