@@ -22,15 +22,15 @@ def frame_image(index: int, width: int, height: int, scene: int = 0) -> np.ndarr
     bg = rng.integers(30, 225, size=3)
     image = np.empty((height, width, 3), dtype=np.uint8)
     image[:] = bg
-    yy, xx = np.mgrid[0:height, 0:width]
     # Shapes move a fixed number of pixels per frame, so correspondences have a known answer.
     for s in range(3):
         cx = (index * (2 + s) + s * width // 3) % max(width, 1)
         cy = height // 2 + int((height // 4) * np.sin(index / 15.0 + s))
         r = max(3, min(width, height) // (6 + 2 * s))
         color = rng.integers(0, 256, size=3)
-        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
-        image[mask] = color
+        y0, y1, x0, x1 = max(cy - r, 0), min(cy + r + 1, height), max(cx - r, 0), min(cx + r + 1, width)
+        yy, xx = np.ogrid[y0:y1, x0:x1]  # only the shape's bounding box
+        image[y0:y1, x0:x1][(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = color
     cell = max(1, width // INDEX_BITS)
     for b in range(INDEX_BITS):
         image[:INDEX_ROWS, b * cell:(b + 1) * cell] = 255 if (index >> b) & 1 else 0

@@ -102,8 +102,12 @@ def _copied_audio(out: av.container.OutputContainer, src: AudioFromFile) -> _Aud
 
     def packets() -> Iterator[av.Packet]:
         for packet in container.demux(stream):
-            if packet.pts is None or packet.size == 0 or packet.pts < offset:
+            if packet.pts is None or packet.size == 0:
                 continue
+            if packet.pts + (packet.duration or 0) < offset:
+                continue
+            # The packet ending at the start is kept too: AAC/MP3 decoders need it to rebuild the first
+            # samples; it gets a negative timestamp, which the muxer turns into an edit list (as ffmpeg -c copy).
             if packet.pts >= end:
                 return
             packet.pts -= offset

@@ -61,11 +61,16 @@ def test_source_audio_is_copied_untouched_and_trimmed(tmp_path, clip):
         src_stream, dst_stream = src.streams.audio[0], dst.streams.audio[0]
         assert dst_stream.codec_context.name == "aac"
         lo, hi = video.start_time / src_stream.time_base, video.end_time / src_stream.time_base
-        expected = [bytes(p) for p in src.demux(src_stream) if p.pts is not None and p.size and lo <= p.pts < hi]
+        expected = [bytes(p) for p in src.demux(src_stream)
+                    if p.pts is not None and p.size and p.pts + p.duration >= lo and p.pts < hi]
         copied = [bytes(p) for p in dst.demux(dst_stream) if p.size]
     assert copied == expected  # same encoded packets: no re-encoding
+    assert len(copied) >= 24 * 44100 / 24 / 1024  # and all of the selection's second
     samples, rate = read_audio(out, 0, 10)
     assert abs(samples.shape[1] / rate - video.duration) <= 1024 / rate + 1e-3
+    reference, _ = read_audio(clip, video.start_time, video.end_time)
+    middle = slice(2048, min(samples.shape[1], reference.shape[1]) - 2048)
+    assert np.abs(samples[:, middle] - reference[:, middle]).max() < 1e-3  # aligned to the sample
 
 
 def test_audio_the_container_cannot_hold_is_reencoded_with_an_exact_trim(tmp_path):
@@ -108,6 +113,23 @@ def test_odd_frame_sizes_are_padded_for_yuv420(tmp_path):
         writer.write(frames(3, 65, 33))
     info = probe_video(out)
     assert (info.width, info.height) == (66, 34) and info.frame_count == 3
+
+
+def test_audio_from_the_very_start_keeps_the_priming_packet(tmp_path, clip):
+    video = select_frames(probe_video(clip), Selection(frame_cap=24))
+    out = str(tmp_path / "head.mp4")
+    with VideoWriter(out, "mp4 (h264)", video.fps, video.width, video.height,
+                     audio=AudioFromFile(clip, video.start_time, video.end_time)) as writer:
+        writer.write(read_frames(video))
+    with av.open(clip) as src, av.open(out) as dst:
+        first_src = next(p for p in src.demux(src.streams.audio[0]) if p.size)
+        first_dst = next(p for p in dst.demux(dst.streams.audio[0]) if p.size)
+        assert bytes(first_dst) == bytes(first_src)
+    samples, rate = read_audio(out, 0, 10)
+    expected, _ = read_audio(clip, 0, 1.0)
+    n = min(samples.shape[1], expected.shape[1])
+    assert abs(samples.shape[1] - rate) <= 1024
+    assert np.abs(samples[:, :n] - expected[:, :n]).max() < 1e-4  # the same decoded audio from sample 0
 
 
 def test_a_failure_mid_write_leaves_nothing(tmp_path):
