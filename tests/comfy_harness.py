@@ -61,18 +61,30 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
+                data = r.read()
+                return r.status, json.loads(data) if data else {}
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
-    def run(self, prompt: dict, timeout: float = 900) -> dict:
-        """Queue an API-format prompt and wait; returns the history entry (status, outputs)."""
+    def run(self, prompt: dict, timeout: float = 900, interrupt_after: float | None = None) -> dict:
+        """Queue an API-format prompt and wait; returns the history entry (status, outputs).
+
+        `interrupt_after`: press Cancel (POST /interrupt) that many seconds after the prompt starts running.
+        """
         status, body = self.post("/prompt", {"prompt": prompt})
         if status != 200:
             return {"rejected": body}
         prompt_id = body["prompt_id"]
         deadline = time.time() + timeout
+        started = None
         while time.time() < deadline:
+            if interrupt_after is not None:
+                running = [item[1] for item in self.get("/queue")["queue_running"]]
+                if started is None and prompt_id in running:
+                    started = time.time()
+                if started is not None and time.time() - started >= interrupt_after:
+                    self.post("/interrupt", {})
+                    interrupt_after = None
             history = self.get(f"/history/{prompt_id}")
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
                 entry = history[prompt_id]

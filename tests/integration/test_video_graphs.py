@@ -11,6 +11,8 @@ from longedit.core.video_source import probe_video, read_audio, read_frames, sel
 
 FPS = 24
 AAC_FRAME = 1024 / 44100  # audio is copied packet by packet: trims are exact to one AAC frame
+INTERRUPT_FRAMES = 3000  # long enough that encoding takes far longer than INTERRUPT_AFTER_S on a CPU
+INTERRUPT_AFTER_S = 3.0
 
 
 def load_node(video: str, **overrides) -> dict:
@@ -159,3 +161,43 @@ def test_latent_count_and_vae_family_mismatch(comfy, clip):
     message = execution_error(comfy.run(family))
     assert message and "do not belong to this VAE" in message
     assert outputs_of(comfy, before) == []
+
+
+def test_interrupt_stops_the_run_and_leaves_no_file(comfy):
+    """Cancel while Encode/Decode stream a long clip: the run ends as interrupted and writes nothing."""
+    name = "long_for_interrupt.mp4"
+    write_sample_video(str(comfy.input_dir / name), frames=INTERRUPT_FRAMES, width=64, height=64, fps=FPS)
+    before = existing(comfy)
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": load_node(name),
+        "3": {"class_type": "LongEditEncodeVideo", "inputs": {"video": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "LongEditDecodeSaveVideo",
+              "inputs": {"samples": ["3", 0], "vae": ["1", 2], "video": ["2", 0], **save_inputs()}},
+    }
+    entry = comfy.run(prompt, interrupt_after=INTERRUPT_AFTER_S)
+    interrupted = [data for kind, data in entry["status"]["messages"] if kind == "execution_interrupted"]
+    assert interrupted, entry["status"]["messages"]
+    # Cancel landed inside our chunk loop (the checkpoint is cached from earlier tests, loading is quick).
+    assert interrupted[0]["node_type"] in ("LongEditEncodeVideo", "LongEditDecodeSaveVideo"), interrupted
+    assert "4" not in entry.get("outputs", {})
+    assert outputs_of(comfy, before) == []
+    assert not [p for p in comfy.output_dir.rglob(".*partial*")]
+
+
+def test_audio_and_fps_outputs_feed_save_video(comfy, clip):
+    """Load Video's AUDIO (trimmed to the selection) and fps outputs drive Save Video (LongEdit) -> mov."""
+    before = existing(comfy)
+    prompt = {
+        "2": load_node(clip, start=8, frame_cap=12, images="all selected frames"),
+        "3": {"class_type": "LongEditSaveVideo",
+              "inputs": {"images": ["2", 1], "audio": ["2", 2],
+                         **save_inputs(format="mov (ProRes 422 HQ)", fps=["2", 3])}},
+    }
+    entry = comfy.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    [written] = outputs_of(comfy, before)
+    info = probe_video(str(written))
+    assert info.frame_count == 12 and float(info.fps) == FPS
+    samples, rate = read_audio(str(written), 0, 10)
+    assert samples.shape[1] == round(12 / FPS * rate)  # PCM in mov: the AUDIO output's exact length
