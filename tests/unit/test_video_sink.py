@@ -28,6 +28,15 @@ def written_frames(path: str) -> np.ndarray:
     return read_frames(select_frames(probe_video(path), Selection(multiple=1)))
 
 
+def save_selection(out: str, fmt: str, source: str, selection: Selection) -> None:
+    """Write a selection of `source` with its audio copied, as Decode + Save Video does."""
+    video = select_frames(probe_video(source), selection)
+    with VideoWriter(out, fmt, video.fps, video.width, video.height,
+                     audio=AudioFromFile(source, video.start_time, video.end_time)) as writer:
+        for chunk in iter_frames(video, 5):
+            writer.write(chunk)
+
+
 @pytest.mark.parametrize("fmt", FORMAT_LABELS)
 def test_every_format_keeps_frame_count_order_and_rate(tmp_path, fmt):
     out = str(tmp_path / "out")
@@ -53,10 +62,7 @@ def test_every_format_keeps_frame_count_order_and_rate(tmp_path, fmt):
 def test_source_audio_is_copied_untouched_and_trimmed(tmp_path, clip):
     video = select_frames(probe_video(clip), Selection(start=12, frame_cap=24))
     out = str(tmp_path / "trim.mp4")
-    with VideoWriter(out, "mp4 (h264)", video.fps, video.width, video.height,
-                     audio=AudioFromFile(clip, video.start_time, video.end_time)) as writer:
-        for chunk in iter_frames(video, 5):
-            writer.write(chunk)
+    save_selection(out, "mp4 (h264)", clip, Selection(start=12, frame_cap=24))
     with av.open(clip) as src, av.open(out) as dst:
         src_stream, dst_stream = src.streams.audio[0], dst.streams.audio[0]
         assert dst_stream.codec_context.name == "aac"
@@ -76,11 +82,8 @@ def test_source_audio_is_copied_untouched_and_trimmed(tmp_path, clip):
 def test_audio_the_container_cannot_hold_is_reencoded_with_an_exact_trim(tmp_path):
     src = write_sample_video(str(tmp_path / "pcm.mkv"), frames=48, fps=24, audio_seconds=2.0,
                              audio_codec="pcm_s16le", sample_rate=48000, container="matroska")
-    video = select_frames(probe_video(src), Selection(start=24, frame_cap=12))
     out = str(tmp_path / "reenc.mp4")
-    with VideoWriter(out, "mp4 (h264)", video.fps, video.width, video.height,
-                     audio=AudioFromFile(src, video.start_time, video.end_time)) as writer:
-        writer.write(read_frames(video))
+    save_selection(out, "mp4 (h264)", src, Selection(start=24, frame_cap=12))
     with av.open(out) as c:
         assert c.streams.audio[0].codec_context.name == "aac"
     samples, rate = read_audio(out, 0, 10)
@@ -98,11 +101,8 @@ def test_waveform_audio_is_encoded(tmp_path):
 
 
 def test_png_sequence_gets_audio_beside_it(tmp_path, clip):
-    video = select_frames(probe_video(clip), Selection(frame_cap=6))
     out = str(tmp_path / "seq")
-    with VideoWriter(out, "png sequence", video.fps, video.width, video.height,
-                     audio=AudioFromFile(clip, video.start_time, video.end_time)) as writer:
-        writer.write(read_frames(video))
+    save_selection(out, "png sequence", clip, Selection(frame_cap=6))
     assert "audio.mka" in os.listdir(out)
     assert len([f for f in os.listdir(out) if f.endswith(".png")]) == 6
 
@@ -116,11 +116,8 @@ def test_odd_frame_sizes_are_padded_for_yuv420(tmp_path):
 
 
 def test_audio_from_the_very_start_keeps_the_priming_packet(tmp_path, clip):
-    video = select_frames(probe_video(clip), Selection(frame_cap=24))
     out = str(tmp_path / "head.mp4")
-    with VideoWriter(out, "mp4 (h264)", video.fps, video.width, video.height,
-                     audio=AudioFromFile(clip, video.start_time, video.end_time)) as writer:
-        writer.write(read_frames(video))
+    save_selection(out, "mp4 (h264)", clip, Selection(frame_cap=24))
     with av.open(clip) as src, av.open(out) as dst:
         first_src = next(p for p in src.demux(src.streams.audio[0]) if p.size)
         first_dst = next(p for p in dst.demux(dst.streams.audio[0]) if p.size)
