@@ -1,0 +1,35 @@
+"""Tensor kernels: each Triton kernel sits beside its plain-torch reference; the functions here dispatch
+to Triton on CUDA (when Triton is installed) and to the reference everywhere else."""
+from __future__ import annotations
+
+import torch
+
+from .nearest_reference import nearest_reference
+
+try:  # Triton is optional at runtime (CPU and Mac users have none)
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton for CUDA tensors; the reference elsewhere. (Tests call the Triton twins directly under
+    TRITON_INTERPRET=1 to check them on the CPU.)"""
+    return HAVE_TRITON and t.is_cuda
+
+
+def find_nearest(query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query row, (index int32, score float32) of the key row with the largest dot product.
+
+    query [B, M, D], keys [B, N, D]; normalise rows first for cosine similarity. Memory stays
+    O(B * M) whatever N: scores are reduced tile by tile.
+    """
+    if query.ndim != 3 or keys.ndim != 3 or query.shape[0] != keys.shape[0] or query.shape[2] != keys.shape[2]:
+        raise ValueError(f"find_nearest: expected [B, M, D] and [B, N, D], got {tuple(query.shape)}, {tuple(keys.shape)}")
+    if use_triton(query):
+        from .nearest import nearest_triton
+
+        return nearest_triton(query, keys.to(query.dtype))
+    return nearest_reference(query, keys)

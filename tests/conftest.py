@@ -7,10 +7,16 @@ folder's `__init__.py`, so every import inside the pack must be relative. Unit t
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton kernels are checked in Triton's interpreter; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,13 +35,7 @@ load_pack()
 
 
 def pytest_collection_modifyitems(config, items):
-    cuda = False
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except ImportError:
-        pass
+    cuda = torch.cuda.is_available()
     for item in items:
         tier = Path(str(item.fspath)).parent.name
         if tier in ("unit", "integration", "gpu"):
