@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .adaflow_keyframes import AdaFlowKeyframeSelection
 from .video_encode import EncodeLongVideo
 from .video_load import LoadLongVideo
 from .video_save import DecodeSaveLongVideo, SaveLongVideo
@@ -10,4 +11,4 @@ from .video_save import DecodeSaveLongVideo, SaveLongVideo
 
 class LongEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo]
+        return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo, AdaFlowKeyframeSelection]

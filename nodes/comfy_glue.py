@@ -11,6 +11,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
 
 LongVideoType = io.Custom("LONGEDIT_VIDEO")
@@ -61,3 +62,24 @@ def output_target(prefix: str, extension: str, width: int, height: int) -> tuple
     os.makedirs(folder, exist_ok=True)
     filename = f"{name}_{counter:05}_{extension}"
     return os.path.join(folder, filename), filename, subfolder
+
+
+SD_UNET_CONFIGS = ("SD15", "SD20")  # ComfyUI's model configs of SD1.x and SD2.x (2.0 and 2.1, base and v)
+
+
+def check_sd_unet(model, what: str) -> None:
+    """AdaFlow runs on SD1.x/SD2.x UNets (the paper uses SD2.1-base); refuse anything else clearly."""
+    config = type(model.model.model_config).__name__
+    if config not in SD_UNET_CONFIGS:
+        raise LongEditError(
+            f"{what} works with Stable Diffusion 1.x and 2.x UNets (AdaFlow uses SD2.1-base); this MODEL is "
+            f"'{config}'.", "load an SD1.5 or SD2.1 checkpoint for AdaFlow; Wan models use ISA Sparse Attention.")
+
+
+def latent_thumbnails(model, latents: torch.Tensor) -> np.ndarray:
+    """Cheap RGB previews of latents through the model's latent-to-RGB factors (no VAE needed)."""
+    fmt = model.model.latent_format
+    factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)  # [c, 3]
+    bias = torch.tensor(fmt.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=torch.float32)
+    rgb = torch.einsum("nchw,cr->nhwr", fmt.process_in(latents.float()), factors) + bias
+    return ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()

@@ -36,18 +36,23 @@ class EncodeLongVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, video: LongVideo, vae) -> io.NodeOutput:
-        check_image_vae(vae, "Encode Video (LongEdit)")
-        total, height, width = video.frame_count, video.height, video.width
-        chunk = vae_chunk(vae, (1, 3, height, width), encode=True, host_bytes_per_frame=height * width * 15)
-        progress = Progress(total)
-        samples = None
-        done = 0
-        for frames in iter_frames(video, chunk):
-            progress.check()
-            latent = vae.encode(torch.from_numpy(frames).float().div_(255.0))
-            if samples is None:  # the VAE decides the latent shape; allocate the whole batch once
-                samples = torch.empty((total,) + tuple(latent.shape[1:]), dtype=torch.float32)
-            samples[done:done + len(frames)] = latent.to(samples.device, samples.dtype)
-            done += len(frames)
-            progress.update(done)
-        return io.NodeOutput({"samples": samples})
+        return io.NodeOutput({"samples": encode_long_video(video, vae)})
+
+
+def encode_long_video(video: LongVideo, vae) -> torch.Tensor:
+    """All frames of the handle through the VAE, chunk by chunk, into one preallocated latent batch."""
+    check_image_vae(vae, "Encode Video (LongEdit)")
+    total, height, width = video.frame_count, video.height, video.width
+    chunk = vae_chunk(vae, (1, 3, height, width), encode=True, host_bytes_per_frame=height * width * 15)
+    progress = Progress(total)
+    samples = None
+    done = 0
+    for frames in iter_frames(video, chunk):
+        progress.check()
+        latent = vae.encode(torch.from_numpy(frames).float().div_(255.0))
+        if samples is None:  # the VAE decides the latent shape; allocate the whole batch once
+            samples = torch.empty((total,) + tuple(latent.shape[1:]), dtype=torch.float32)
+        samples[done:done + len(frames)] = latent.to(samples.device, samples.dtype)
+        done += len(frames)
+        progress.update(done)
+    return samples

@@ -4,6 +4,7 @@ OUR_NODES = {
     "LongEditEncodeVideo": "Encode Video (LongEdit)",
     "LongEditDecodeSaveVideo": "Decode + Save Video (LongEdit)",
     "LongEditSaveVideo": "Save Video (LongEdit)",
+    "LongEditAdaFlowKeyframeSelection": "AdaFlow Keyframe Selection",
 }
 
 
