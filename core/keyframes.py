@@ -51,11 +51,15 @@ def attention_levels(latent_h: int, latent_w: int, count: int = 4) -> list[tuple
 
 
 def _tokens(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[n, C, h, w] -> L2-normalised tokens [n, size_h*size_w, C] at `size` (bilinear, as the reference)."""
+    """[n, C, h, w] -> L2-normalised tokens [n, size_h*size_w, C] at `size` (bilinear, as the reference).
+
+    float16 on CUDA, so that matching runs on the tensor cores (cosines need no more precision than
+    DIFT's own fp16 features carry); float32 elsewhere."""
+    features = features.float()
     if features.shape[-2:] != size:
-        features = F.interpolate(features.float(), size=size, mode="bilinear", align_corners=False)
-    tokens = features.flatten(2).transpose(1, 2).float()
-    return F.normalize(tokens, dim=-1)
+        features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+    tokens = F.normalize(features.flatten(2).transpose(1, 2), dim=-1)
+    return tokens.half() if tokens.is_cuda else tokens
 
 
 def drift_scores(reference: torch.Tensor, frames: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +165,7 @@ class _ClipBuilder:
         self.params = params
         self.device = device
         self.start = 0
-        self.features: list[torch.Tensor] = []  # [C, h, w] each, on the host
+        self.features: list[torch.Tensor] = []  # [C, h, w] each, where the featurizer left them
         self.reference: torch.Tensor | None = None  # normalised tokens [T, C] on the device
         self.clip_starts = [0]
         self.candidates: list[np.ndarray] = []
@@ -172,7 +176,7 @@ class _ClipBuilder:
 
     def begin(self, start: int, first: torch.Tensor) -> None:
         self.start = start
-        self.features = [first.cpu()]
+        self.features = [first]
         self.reference = _tokens(first[None].to(self.device), self.levels[0])[0]
 
     def close(self) -> None:
@@ -180,14 +184,15 @@ class _ClipBuilder:
         chosen = spread_candidates(self.start, stop, self.params.candidates_per_clip)
         slots = np.concatenate([chosen, np.repeat(chosen[-1:], self.params.candidates_per_clip - len(chosen))])
         self.candidates.append(slots)
-        cand = torch.stack([self.features[s - self.start] for s in slots]).to(self.device)
+        clip = torch.stack(self.features).to(self.device)  # one transfer; each level reads it from here
+        cand = clip[torch.as_tensor(slots - self.start, device=clip.device)]
         for level, size in enumerate(self.levels):
             cand_tokens = _tokens(cand, size)  # [P, T, C]
             if level == AAS_LEVEL:
                 self.aas_tokens.extend(cand_tokens.cpu().half())
             p = cand_tokens.shape[0]
             for i0 in range(0, len(self.features), 16):  # a few frames at a time bound the device memory
-                frame_tokens = _tokens(torch.stack(self.features[i0:i0 + 16]).to(self.device), size)
+                frame_tokens = _tokens(clip[i0:i0 + 16], size)
                 n, t, c = frame_tokens.shape
                 query = frame_tokens[:, None].expand(n, p, t, c).reshape(n * p, t, c)
                 keys = cand_tokens[None].expand(n, p, *cand_tokens.shape[1:]).reshape(n * p, -1, c)
@@ -199,15 +204,18 @@ class _ClipBuilder:
 
 def _aas_scores(tokens: list[torch.Tensor], out: np.ndarray, device) -> None:
     """out[a, b, j] = best cosine match of candidate b's token j among candidate a's tokens."""
-    stacked = torch.stack(tokens)  # [P, T, C] fp16 host
+    stacked = torch.stack(tokens).to(device)  # [P, T, C]
+    if not stacked.is_cuda:
+        stacked = stacked.float()
     for a in range(len(tokens)):
-        query_frame = stacked[a].to(device).float()
+        query_frame = stacked[a]
         for b0 in range(0, len(tokens), 64):
-            keys = stacked[b0:b0 + 64].to(device).float()
+            keys = stacked[b0:b0 + 64]
             _, best = find_nearest(keys, query_frame[None].expand(keys.shape[0], -1, -1).contiguous())
             out[a, b0:b0 + keys.shape[0]] = best.half().cpu().numpy()
 
 
+@torch.no_grad()
 def select_keyframes(feature_chunks: Iterable[torch.Tensor], latents: torch.Tensor, params: AksParams = AksParams(),
                      folder: str | None = None, device: torch.device | str = "cpu",
                      on_frames: Callable[[int], None] | None = None) -> KeyframePlan:
@@ -243,7 +251,7 @@ def select_keyframes(feature_chunks: Iterable[torch.Tensor], latents: torch.Tens
                     builder.begin(seen + i + j, frame)
                     i += j + 1
                     break
-                builder.features.append(frame.cpu())
+                builder.features.append(frame)
             else:
                 i = len(chunk)
         seen += len(chunk)

@@ -42,6 +42,7 @@ def make_featurizer(model, context: torch.Tensor, timestep: int):
     device = mm.get_torch_device()
     sigma = base.model_sampling.sigma(torch.tensor([float(timestep)]))
 
+    @torch.no_grad()
     def featurize(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         x0 = base.process_latent_in(x0).to(device)
         s = sigma.to(device).expand(x0.shape[0])
