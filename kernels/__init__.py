@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .aas_reference import subset_attention_reference
 from .nearest_reference import nearest_reference
 
 try:  # Triton is optional at runtime (CPU and Mac users have none)
@@ -33,3 +34,18 @@ def find_nearest(query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor,
 
         return nearest_triton(query, keys.to(query.dtype))
     return nearest_reference(query, keys)
+
+
+def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: torch.Tensor,
+                     heads: int) -> torch.Tensor:
+    """Attention of each query frame over its own subset of the keyframes' tokens (AdaFlow's AAS).
+
+    q [K, T, H*d]; k, v [K*T, H*d]; selection [K, S] token indices; returns [K, T, H*d]."""
+    if q.ndim != 3 or k.ndim != 2 or v.shape != k.shape or selection.ndim != 2 or selection.shape[0] != q.shape[0]:
+        raise ValueError(f"subset_attention: got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"selection {tuple(selection.shape)}")
+    if use_triton(q):
+        from .aas import subset_attention_triton
+
+        return subset_attention_triton(q, k, v, selection, heads)
+    return subset_attention_reference(q, k, v, selection, heads)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .adaflow_edit import AdaFlowKeyframeEditing
+from .adaflow_invert import AdaFlowInvert
 from .adaflow_keyframes import AdaFlowKeyframeSelection
 from .video_encode import EncodeLongVideo
 from .video_load import LoadLongVideo
@@ -11,4 +13,5 @@ from .video_save import DecodeSaveLongVideo, SaveLongVideo
 
 class LongEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo, AdaFlowKeyframeSelection]
+        return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo, AdaFlowKeyframeSelection,
+                AdaFlowInvert, AdaFlowKeyframeEditing]

@@ -5,6 +5,8 @@ OUR_NODES = {
     "LongEditDecodeSaveVideo": "Decode + Save Video (LongEdit)",
     "LongEditSaveVideo": "Save Video (LongEdit)",
     "LongEditAdaFlowKeyframeSelection": "AdaFlow Keyframe Selection",
+    "LongEditAdaFlowInvert": "AdaFlow Invert (DDIM)",
+    "LongEditAdaFlowKeyframeEditing": "AdaFlow Keyframe Editing",
 }
 
 

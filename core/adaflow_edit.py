@@ -1,0 +1,113 @@
+"""One AdaFlow model call: the keyframe pass (source + edited branches, extended attention, PnP, AAS).
+
+The sampler calls the model with all frames of one or more branches (cond / uncond). `KeyframeEditor`
+turns that call into a keyframe pass: the step's keyframes of every branch go through the model together
+with the source branch (the inverted latents at this sigma, source conditioning), laid out as
+[source | branch 1 | branch 2 ...]; the outputs land in one preallocated batch in frame order. Frames
+that are not keyframes (only with a keyframe plan) run without extended attention until propagation
+(`Latent Propagation`) gives them their keyframe's attention instead.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adaflow_attention import PassLayout, aas_selection, as_index, pnp_active_steps
+from .errors import LongEditError
+from .inversion import Inversion
+from .keyframes import AAS_LEVEL, KeyframePlan
+
+RunModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PassLayout], torch.Tensor]
+
+
+class KeyframeEditor:
+    def __init__(self, inversion: Inversion, plan: KeyframePlan | None, pnp_attn_t: float, pnp_f_t: float,
+                 kv_budget: int, chunk_frames: int = 16):
+        if plan is not None and plan.frame_count != inversion.frame_count:
+            raise LongEditError(
+                f"The keyframe plan covers {plan.frame_count} frames but the inversion {inversion.frame_count}.",
+                "build Keyframe Selection and AdaFlow Invert from the same video latents.")
+        self.inversion = inversion
+        self.plan = plan
+        self.attn_steps = pnp_active_steps(inversion.steps, pnp_attn_t)
+        self.conv_steps = pnp_active_steps(inversion.steps, pnp_f_t)
+        self.kv_budget = kv_budget
+        self.chunk_frames = chunk_frames
+        self._selection_cache: tuple[int, dict] | None = None
+
+    def keyframes(self, step: int) -> np.ndarray:
+        if self.plan is None:
+            return np.arange(self.inversion.frame_count)
+        return self.plan.keyframes(step)
+
+    def selection(self, step: int, device) -> dict[int, torch.Tensor] | None:
+        """AAS subsets for this step's keyframes, or None when they fit the budget (full extended attention).
+        Without a keyframe plan there is no DIFT ranking, so attention stays full."""
+        if self.plan is None or self.plan.clip_count <= self.kv_budget:
+            return None
+        if self._selection_cache is None or self._selection_cache[0] != step:
+            plan = self.plan
+            ids = np.arange(plan.clip_count) * plan.per_clip + plan.choice(step)
+            scores = torch.from_numpy(np.ascontiguousarray(plan.aas_scores[np.ix_(ids, ids)])).to(device)
+            self._selection_cache = (step, aas_selection(scores, plan.levels, AAS_LEVEL, self.kv_budget))
+        return self._selection_cache[1]
+
+    def __call__(self, run: RunModel, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                 branches: int) -> torch.Tensor:
+        """x [branches * F, c, h, w] in sampler space; returns the denoised batch of the same shape."""
+        frames = self.inversion.frame_count
+        if x.shape[0] != branches * frames:
+            raise LongEditError(
+                f"The sampler gave {x.shape[0] // max(branches, 1)} frames per branch, but the inversion has "
+                f"{frames}.", "sample the LATENT that AdaFlow Invert output (same frames, same order).")
+        step = self.inversion.step_of(float(sigma.flatten()[0]))
+        out = torch.empty_like(x)
+        keyframes = self.keyframes(step)
+        self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out)
+        others = np.setdiff1d(np.arange(frames), keyframes)
+        for i0 in range(0, len(others), self.chunk_frames):
+            self._pass(run, x, sigma, context, branches, others[i0:i0 + self.chunk_frames], step,
+                       extended=False, out=out)
+        return out
+
+    def _pass(self, run: RunModel, x, sigma, context, branches: int, frames_idx: np.ndarray, step: int,
+              extended: bool, out: torch.Tensor) -> None:
+        frames = self.inversion.frame_count
+        k = len(frames_idx)
+        idx = as_index(frames_idx, x.device)
+        rows = torch.cat([b * frames + idx for b in range(branches)])
+        source = self.inversion.latents_at(step, frames_idx).to(x)
+        source_context = self.inversion.source_context.to(context)
+        if source_context.shape[1:] != context.shape[1:]:
+            raise LongEditError(
+                f"The source conditioning {tuple(source_context.shape[1:])} and the sampler's conditioning "
+                f"{tuple(context.shape[1:])} differ in shape.", "use the same CLIP for both prompts.")
+        layout = PassLayout(frames=k, branches=branches + 1, has_source=True,
+                            inject_qk=step < self.attn_steps, inject_conv=step < self.conv_steps,
+                            selection=self.selection(step, x.device) if extended else None, extended=extended)
+        denoised = run(torch.cat([source, x[rows]]), sigma.flatten()[:1].expand(k * (branches + 1)),
+                       torch.cat([source_context.expand(k, -1, -1), context[rows]]), layout)
+        out[rows] = denoised[k:].to(out.dtype)
+
+
+class FeatureInjection(nn.Sequential):
+    """PnP's residual-feature injection, as a drop-in for a decoder ResBlock's `out_layers` Sequential.
+
+    It keeps the original child modules under the same names (so weight patches such as LoRAs still find
+    them) and, while a pass with injection on is running, hands the source branch's features to the edited
+    branches (TokenFlow/AdaFlow inject at up_blocks[1].resnets[1], before the skip connection)."""
+
+    def __init__(self, original: nn.Sequential, current_layout: Callable[[], PassLayout | None]):
+        super().__init__(*original)
+        self._current_layout = current_layout
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = super().forward(h)
+        layout = self._current_layout()
+        if layout is None or not (layout.has_source and layout.inject_conv):
+            return h
+        grouped = h.view(layout.branches, layout.frames, *h.shape[1:])
+        return torch.cat([grouped[:1]] * layout.branches).view_as(h)

@@ -1,0 +1,175 @@
+"""Triton ISA attention (In-context Sparse Attention): twin of `isa_reference.isa_attention_reference`.
+
+Pooling, coarse scores and every selection are small [B, H, nb, ...] tensors computed once in torch by
+`isa_reference.plan_isa`; this module runs the attention itself from that plan. One program owns one query
+block of one (batch, head) and feeds a single flash-style online softmax from two sources:
+
+* exact KV blocks: the first `exact_count[i]` entries of `kv_order[i]`, each a full tile of k and v tokens
+  (`tl.dot` for q kᵀ and p v, float32 accumulation);
+* pooled pseudo-tokens: the remaining entries of `kv_order[i]`, a tile of BLOCK_P blocks at a time, with
+  logits q·k̄ᵀ/√d + ln(count) and values v̄.
+
+Whenever the running max rises, the running sum and the accumulator are rescaled by exp(m_old - m_new), so
+the result is the exact softmax over both sources whatever order they arrive in. Logits are kept in base 2
+(scaled by log2 e) for exp2. Memory is O(N·d): no N×N tensor exists anywhere.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .isa_reference import (DEFAULT_ALPHA_F, DEFAULT_ALPHA_NS, DEFAULT_ALPHA_S, DEFAULT_BLOCK_SIZE, IsaPlan,
+                            check_qkv, plan_isa)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with float32 accumulation; exact float32 products for float32 inputs (no TF32)."""
+    if IEEE:
+        product = tl.dot(a, b, input_precision="ieee")
+    else:
+        product = tl.dot(a, b)
+    return product
+
+
+@triton.jit
+def _online_softmax_step(logits, values, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold one tile into the running softmax state.
+
+    logits [BLOCK_M, T] are base-2 logits with -inf where a column does not exist; values [T, BLOCK_D].
+    State: m_i running max, l_i running sum of exp2(logit - m_i), acc running sum of exp2(logit - m_i) * v.
+    When the max rises, both sums are rescaled by exp2(m_old - m_new) before the tile is added."""
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    rescale = tl.exp2(m_i - m_new)
+    p = tl.exp2(logits - m_new[:, None])
+    l_i = l_i * rescale + tl.sum(p, axis=1)
+    acc = acc * rescale[:, None] + _dot(p.to(values.dtype), values, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _load_token_tile(base, start, count, stride_n, offs_rows, offs_d, D):
+    """Rows start .. start+count-1 of a [N, D] matrix (row stride stride_n), zero-padded to the tile."""
+    rows = start.to(tl.int64) + offs_rows
+    mask = (offs_rows[:, None] < count) & (offs_d[None, :] < D)
+    return tl.load(base + rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _isa_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr,
+        pooled_k_ptr, pooled_v_ptr,  # [B*H, nb, D] contiguous, q's dtype
+        block_start_ptr, block_count_ptr,  # int32 [nb]
+        kv_order_ptr,  # int32 [B*H, nb, n_kept]
+        exact_count_ptr,  # int32 [B*H, nb]
+        H, n_blocks, n_kept, D, qk_scale,  # qk_scale = log2(e) / sqrt(d)
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, IEEE: tl.constexpr):
+    """Grid (n_blocks, B*H): ISA output for query block program_id(0) of (batch, head) program_id(1)."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = bh // H
+    head = bh % H
+    offs_rows = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    d_valid = offs_d < D
+
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    pooled_offset = bh.to(tl.int64) * n_blocks * D
+    order_row = kv_order_ptr + (bh.to(tl.int64) * n_blocks + qb) * n_kept
+
+    q_start = tl.load(block_start_ptr + qb)
+    q_count = tl.load(block_count_ptr + qb)
+    q = _load_token_tile(q_base, q_start, q_count, stride_qn, offs_rows, offs_d, D)
+
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+
+    # Exact path: every token of the leading n_exact blocks of this query block's kv_order.
+    n_exact = tl.load(exact_count_ptr + bh.to(tl.int64) * n_blocks + qb)
+    for t in range(0, n_exact):
+        kv_block = tl.load(order_row + t)
+        kv_start = tl.load(block_start_ptr + kv_block)
+        kv_count = tl.load(block_count_ptr + kv_block)
+        k = _load_token_tile(k_base, kv_start, kv_count, stride_kn, offs_rows, offs_d, D)
+        v = _load_token_tile(v_base, kv_start, kv_count, stride_vn, offs_rows, offs_d, D)
+        logits = _dot(q, tl.trans(k), IEEE) * qk_scale
+        logits = tl.where(offs_rows[None, :] < kv_count, logits, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(logits, v, m_i, l_i, acc, IEEE)
+
+    # Taylor path: one pseudo-token (k̄_j, v̄_j, + log2 count_j) per remaining block, BLOCK_P at a time.
+    for p0 in range(n_exact, n_kept, BLOCK_P):
+        slot_valid = p0 + offs_p < n_kept
+        kv_block = tl.load(order_row + p0 + offs_p, mask=slot_valid, other=0)
+        kv_count = tl.load(block_count_ptr + kv_block, mask=slot_valid, other=1)
+        rows = pooled_offset + kv_block.to(tl.int64) * D
+        mask = slot_valid[:, None] & d_valid[None, :]
+        k_bar = tl.load(pooled_k_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        v_bar = tl.load(pooled_v_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        logits = _dot(q, tl.trans(k_bar), IEEE) * qk_scale + tl.log2(kv_count.to(tl.float32))[None, :]
+        logits = tl.where(slot_valid[None, :], logits, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(logits, v_bar, m_i, l_i, acc, IEEE)
+
+    out = acc / l_i[:, None]
+    out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    out_rows = q_start.to(tl.int64) + offs_rows
+    tl.store(out_base + out_rows[:, None] * stride_on + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(offs_rows[:, None] < q_count) & d_valid[None, :])
+
+
+def _check_plan(q: torch.Tensor, plan: IsaPlan) -> None:
+    """The plan must describe q's shape, and the block size must suit tl.arange and tl.dot."""
+    batch, heads, n_tokens, _ = q.shape
+    size = plan.layout.block_size
+    if size < 16 or size & (size - 1):
+        raise ValueError(f"ISA Triton: block_size must be a power of two >= 16, got {size}")
+    n_blocks = plan.layout.n_blocks
+    if int(plan.layout.count.sum()) != n_tokens or plan.kv_order.shape != (batch, heads, n_blocks, plan.n_kept):
+        raise ValueError(f"ISA Triton: the plan does not describe q of shape {tuple(q.shape)}")
+
+
+def isa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan) -> torch.Tensor:
+    """ISA attention of q, k, v [B, H, N, d] (one dtype; any strides with unit stride along d) under
+    `plan` -> [B, H, N, d] in q's dtype."""
+    check_qkv(q, k, v)
+    _check_plan(q, plan)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    batch, heads, _, d = q.shape
+    n_blocks, n_kept = plan.layout.n_blocks, plan.n_kept
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    pooled_k = plan.pooled_k.to(q.dtype).contiguous()
+    pooled_v = plan.pooled_v.to(q.dtype).contiguous()
+    block_start = plan.layout.start.to(device=q.device, dtype=torch.int32)
+    block_count = plan.layout.count.to(device=q.device, dtype=torch.int32)
+    kv_order = plan.kv_order.to(device=q.device, dtype=torch.int32).contiguous()
+    exact_count = plan.exact_count.to(device=q.device, dtype=torch.int32).contiguous()
+    block_d = max(16, triton.next_power_of_2(d))
+    block_p = max(16, min(64, triton.next_power_of_2(n_kept)))
+    grid = (n_blocks, batch * heads)
+    _isa_attention_kernel[grid](
+        q, k, v, out, pooled_k, pooled_v, block_start, block_count, kv_order, exact_count,
+        heads, n_blocks, n_kept, d, LOG2E / math.sqrt(d),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        BLOCK=plan.layout.block_size, BLOCK_D=block_d, BLOCK_P=block_p, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2)
+    return out
+
+
+def isa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
+               block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
+               alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS) -> torch.Tensor:
+    """Plan ISA in torch and run its attention in Triton: q, k, v [B, H, N, d] -> [B, H, N, d]."""
+    plan = plan_isa(q, k, v, ctx_start, ctx_end, block_size=block_size, alpha_s=alpha_s, alpha_f=alpha_f,
+                    alpha_ns=alpha_ns)
+    return isa_attention_triton(q, k, v, plan)

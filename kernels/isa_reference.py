@@ -1,0 +1,264 @@
+"""Plain-torch reference for ISA, In-context Sparse Attention (Shao et al., ICML 2026, arXiv 2605.04569).
+
+This module is the definition of the method as LongEdit implements it; `isa.py` is its Triton twin and runs
+the attention step from the same `IsaPlan`. Everything is computed in float32.
+
+The token axis holds "source" tokens and one contiguous range [ctx_start, ctx_end) of "context" tokens
+(in-context editing puts the source video's tokens there). ISA works on blocks of `block_size` tokens:
+
+1. Blocks. Each of the up to three segments [0, ctx_start), [ctx_start, ctx_end), [ctx_end, N) is tiled
+   from its own start, so no block straddles the context boundary; the last block of a segment may be
+   partial (fewer than `block_size` tokens). With ctx_start and ctx_end multiples of `block_size` this is
+   the plain tiling of the token axis.
+2. Pooling. q̄, k̄, v̄ [B, H, nb, d]: the mean of each block's tokens (true count for partial blocks).
+3. Coarse scores. S̄ = q̄ k̄ᵀ / sqrt(d), [B, H, nb, nb].
+4. Context pre-selection. Source KV blocks are always kept. Of the context KV blocks, the top
+   ceil(alpha_s * n_ctx_blocks) by saliency, the mean of S̄[i, j] over the source query blocks i, are kept
+   (over all query blocks if there are none). The kept set is per (batch, head); its size is not.
+5. Query sharpness. For each query block i, p = softmax_j(S̄[i, j] + ln b_j) over the kept blocks j
+   (b_j = tokens in block j: the pooled estimate of block j's attention mass, as in step 6), and
+   sharpness_i = Var(p) = (1/n) * sum_j (p_j - 1/n)^2 with n = number of kept blocks. The top
+   ceil(alpha_f * nb) query blocks by sharpness take exact attention over every token of the kept blocks.
+6. 0-th order Taylor path for the other query blocks. Each query token attends exactly to the tokens of
+   that block's top max(1, ceil(alpha_ns * n)) kept blocks (ranked by S̄[i, j]) and, for every other kept
+   block j, to one pseudo-token with logit q·k̄_j / sqrt(d) + ln b_j and value v̄_j; one softmax runs over
+   all of them. (exp(q·k̄_j/√d + ln b_j) = b_j exp(q·k̄_j/√d) is the 0-th order Taylor expansion of the block's
+   sum of exp(q·k_t/√d) around its mean key.)
+
+Rankings are stable descending sorts (ties go to the lower block index), so a larger ratio always
+selects a superset. Counts use ceil(ratio * n) with a 1e-9 guard against float noise (0.1 * 30 is 3).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BLOCK_SIZE = 64
+DEFAULT_ALPHA_S = 0.125  # share of context KV blocks kept by pre-selection
+DEFAULT_ALPHA_F = 0.5  # share of query blocks that take exact ("full") attention
+DEFAULT_ALPHA_NS = 0.0625  # share of kept KV blocks a Taylor query block still attends to exactly
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How the token axis is cut into blocks; shared by every batch item and head.
+
+    start, count: int64 [nb], first token and number of tokens of each block (1 <= count <= block_size).
+    is_context: bool [nb], whether the block lies in [ctx_start, ctx_end).
+    segments: ((start, end, is_context), ...), the non-empty segments the blocks tile, in token order.
+    """
+
+    block_size: int
+    start: torch.Tensor
+    count: torch.Tensor
+    is_context: torch.Tensor
+    segments: tuple[tuple[int, int, bool], ...]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.start.numel()
+
+
+@dataclass(frozen=True)
+class IsaPlan:
+    """Everything ISA decides before attention; both the reference and the Triton kernel run from it.
+
+    layout: the blocks.
+    pooled_k, pooled_v: float32 [B, H, nb, d], block means k̄ and v̄ (the Taylor pseudo-tokens).
+    kept_blocks: int64 [B, H, n_kept], KV blocks that survive context pre-selection, ascending.
+    exact_query: bool [B, H, nb], query blocks that take exact attention over all kept blocks.
+    kv_order: int32 [B, H, nb, n_kept], for each query block its kept KV blocks, best coarse score first.
+    exact_count: int32 [B, H, nb], how many leading entries of kv_order the query block attends to token by
+        token (n_kept for exact blocks, n_near for Taylor blocks); the rest are pooled pseudo-tokens.
+    """
+
+    layout: BlockLayout
+    pooled_k: torch.Tensor
+    pooled_v: torch.Tensor
+    kept_blocks: torch.Tensor
+    exact_query: torch.Tensor
+    kv_order: torch.Tensor
+    exact_count: torch.Tensor
+
+    @property
+    def n_kept(self) -> int:
+        return self.kept_blocks.shape[-1]
+
+
+def count_for_ratio(ratio: float, n: int) -> int:
+    """ceil(ratio * n), guarded against float noise and clipped to [0, n]."""
+    return min(n, max(0, math.ceil(ratio * n - 1e-9)))
+
+
+def block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                 device: torch.device | str | None = None) -> BlockLayout:
+    """Tile the source and context segments separately, so that no block mixes source and context tokens."""
+    if not 0 <= ctx_start <= ctx_end <= n_tokens:
+        raise ValueError(f"ISA: context range [{ctx_start}, {ctx_end}) does not fit in {n_tokens} tokens")
+    if block_size < 1:
+        raise ValueError(f"ISA: block_size must be positive, got {block_size}")
+    segments = tuple((s, e, ctx) for s, e, ctx in ((0, ctx_start, False), (ctx_start, ctx_end, True),
+                                                   (ctx_end, n_tokens, False)) if e > s)
+    starts, counts, flags = [], [], []
+    for seg_start, seg_end, is_ctx in segments:
+        for s in range(seg_start, seg_end, block_size):
+            starts.append(s)
+            counts.append(min(block_size, seg_end - s))
+            flags.append(is_ctx)
+    return BlockLayout(block_size=block_size,
+                       start=torch.tensor(starts, dtype=torch.int64, device=device),
+                       count=torch.tensor(counts, dtype=torch.int64, device=device),
+                       is_context=torch.tensor(flags, dtype=torch.bool, device=device),
+                       segments=segments)
+
+
+def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Block means of x [B, H, N, d] -> float32 [B, H, nb, d]; partial blocks divide by their true count.
+
+    Works segment by segment on views, so no float32 copy of x is made (the reduction accumulates in
+    float32)."""
+    size = layout.block_size
+    pieces = []
+    for seg_start, seg_end, _ in layout.segments:
+        n_full = (seg_end - seg_start) // size
+        full_end = seg_start + n_full * size
+        if n_full:
+            pieces.append(x[:, :, seg_start:full_end].unflatten(2, (n_full, size)).mean(dim=3, dtype=torch.float32))
+        if full_end < seg_end:
+            pieces.append(x[:, :, full_end:seg_end].mean(dim=2, keepdim=True, dtype=torch.float32))
+    return torch.cat(pieces, dim=2)
+
+
+def coarse_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> torch.Tensor:
+    """S̄ = q̄ k̄ᵀ / sqrt(d): float32 [B, H, nb_q, nb_k]."""
+    return pooled_q.float() @ pooled_k.float().transpose(-1, -2) / math.sqrt(pooled_q.shape[-1])
+
+
+def select_kv_blocks(scores: torch.Tensor, is_context: torch.Tensor, alpha_s: float) -> torch.Tensor:
+    """Context pre-selection: int64 [B, H, n_kept] kept KV blocks, ascending.
+
+    Every source block is kept; a context block is kept when its saliency (mean coarse score over the
+    source query blocks) is among the top ceil(alpha_s * n_ctx_blocks). At least one block is kept."""
+    batch, heads = scores.shape[:2]
+    ctx_blocks = is_context.nonzero().flatten()
+    src_blocks = (~is_context).nonzero().flatten()
+    n_keep_ctx = count_for_ratio(alpha_s, ctx_blocks.numel())
+    if src_blocks.numel() == 0:
+        n_keep_ctx = max(1, n_keep_ctx)
+    kept = [src_blocks.expand(batch, heads, -1)]
+    if n_keep_ctx:
+        query_rows = src_blocks if src_blocks.numel() else torch.arange(is_context.numel(), device=scores.device)
+        saliency = scores[:, :, query_rows][:, :, :, ctx_blocks].mean(dim=2)  # [B, H, n_ctx]
+        best = saliency.argsort(dim=-1, descending=True, stable=True)[..., :n_keep_ctx]
+        kept.append(ctx_blocks[best])
+    return torch.cat(kept, dim=-1).sort(dim=-1).values
+
+
+def gather_kept(per_block: torch.Tensor, kept_blocks: torch.Tensor) -> torch.Tensor:
+    """per_block [B, H, nb_q, nb] -> [B, H, nb_q, n_kept], the columns of the kept blocks."""
+    index = kept_blocks.unsqueeze(2).expand(-1, -1, per_block.shape[2], -1)
+    return per_block.gather(-1, index)
+
+
+def query_sharpness(scores: torch.Tensor, kept_blocks: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:
+    """Var(p) for p = softmax over kept blocks j of S̄[i, j] + ln b_j: float32 [B, H, nb_q].
+
+    Var(p) = (1/n) * sum_j (p_j - 1/n)^2 (the mean of p is exactly 1/n). High variance means a peaked
+    block distribution, which the 0-th order Taylor path approximates worst, so those blocks go exact."""
+    kept_logits = gather_kept(scores, kept_blocks) + log_counts[kept_blocks].unsqueeze(2)
+    p = kept_logits.softmax(dim=-1)
+    return (p - 1.0 / p.shape[-1]).square().mean(dim=-1)
+
+
+def select_exact_queries(sharpness: torch.Tensor, alpha_f: float) -> torch.Tensor:
+    """bool [B, H, nb]: the top ceil(alpha_f * nb) query blocks by sharpness."""
+    n_exact = count_for_ratio(alpha_f, sharpness.shape[-1])
+    best = sharpness.argsort(dim=-1, descending=True, stable=True)[..., :n_exact]
+    return torch.zeros_like(sharpness, dtype=torch.bool).scatter_(-1, best, True)
+
+
+def order_kept_blocks(scores: torch.Tensor, kept_blocks: torch.Tensor) -> torch.Tensor:
+    """int64 [B, H, nb_q, n_kept]: each query block's kept KV blocks, highest coarse score first."""
+    rank = gather_kept(scores, kept_blocks).argsort(dim=-1, descending=True, stable=True)
+    return kept_blocks.unsqueeze(2).expand(-1, -1, scores.shape[2], -1).gather(-1, rank)
+
+
+def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
+             block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
+             alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS) -> IsaPlan:
+    """Steps 1-6 up to (not including) attention: pooling, coarse scores and every selection."""
+    check_qkv(q, k, v)
+    for name, ratio in (("alpha_s", alpha_s), ("alpha_f", alpha_f), ("alpha_ns", alpha_ns)):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ISA: {name} must lie in [0, 1], got {ratio}")
+    layout = block_layout(q.shape[2], ctx_start, ctx_end, block_size, device=q.device)
+    pooled_q, pooled_k, pooled_v = (pool_blocks(x, layout) for x in (q, k, v))
+    scores = coarse_scores(pooled_q, pooled_k)
+    kept = select_kv_blocks(scores, layout.is_context, alpha_s)
+    sharpness = query_sharpness(scores, kept, layout.count.float().log())
+    exact_query = select_exact_queries(sharpness, alpha_f)
+    n_kept = kept.shape[-1]
+    n_near = min(n_kept, max(1, count_for_ratio(alpha_ns, n_kept)))
+    exact_count = torch.where(exact_query, n_kept, n_near).to(torch.int32)
+    return IsaPlan(layout=layout, pooled_k=pooled_k, pooled_v=pooled_v, kept_blocks=kept,
+                   exact_query=exact_query, kv_order=order_kept_blocks(scores, kept).to(torch.int32),
+                   exact_count=exact_count)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v must share one [B, H, N, d] shape (self-attention over the whole in-context sequence)."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"ISA: expected q, k, v of one shape [B, H, N, d], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] == 0:
+        raise ValueError("ISA: the sequence is empty")
+
+
+def attend_block(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pooled_k: torch.Tensor,
+                 pooled_v: torch.Tensor, exact_blocks: list[int], pooled_blocks: list[int],
+                 starts: list[int], counts: list[int]) -> torch.Tensor:
+    """Output rows of one query block, all float32: q_rows [c, d]; k, v [N, d]; pooled_k, pooled_v [nb, d].
+
+    One softmax over every token of `exact_blocks` and one pseudo-token per block j of `pooled_blocks`
+    (logit q·k̄_j/√d + ln b_j, value v̄_j)."""
+    exact_k = torch.cat([k[starts[j]:starts[j] + counts[j]] for j in exact_blocks])
+    exact_v = torch.cat([v[starts[j]:starts[j] + counts[j]] for j in exact_blocks])
+    keys = torch.cat([exact_k, pooled_k[pooled_blocks]])
+    values = torch.cat([exact_v, pooled_v[pooled_blocks]])
+    log_counts = [math.log(counts[j]) for j in pooled_blocks]
+    bias = torch.tensor([0.0] * exact_k.shape[0] + log_counts, device=k.device)
+    logits = q_rows @ keys.T / math.sqrt(q_rows.shape[-1]) + bias
+    return logits.softmax(dim=-1) @ values
+
+
+def isa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan) -> torch.Tensor:
+    """ISA attention of q, k, v [B, H, N, d] under `plan`, in float32, returned in q's dtype.
+
+    Query block i attends token by token to the first exact_count[i] blocks of kv_order[i] and through
+    pooled pseudo-tokens to the rest (none for an exact query block). Loops over (batch, head, query
+    block): memory is O(block_size * N) at a time, but it is slow; it is the definition the Triton kernel
+    is checked against, not a production path for long sequences."""
+    check_qkv(q, k, v)
+    batch, heads = q.shape[:2]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    starts, counts = plan.layout.start.tolist(), plan.layout.count.tolist()
+    for b in range(batch):
+        for h in range(heads):
+            qf, kf, vf = q[b, h].float(), k[b, h].float(), v[b, h].float()
+            orders, exact_counts = plan.kv_order[b, h].tolist(), plan.exact_count[b, h].tolist()
+            for i, (s, c) in enumerate(zip(starts, counts)):
+                order, n_exact = orders[i], exact_counts[i]
+                out[b, h, s:s + c] = attend_block(qf[s:s + c], kf, vf, plan.pooled_k[b, h], plan.pooled_v[b, h],
+                                                  order[:n_exact], order[n_exact:], starts, counts)
+    return out.to(q.dtype)
+
+
+def isa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
+                  block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
+                  alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS) -> torch.Tensor:
+    """Plan and run ISA in plain torch: q, k, v [B, H, N, d] -> [B, H, N, d] in q's dtype."""
+    plan = plan_isa(q, k, v, ctx_start, ctx_end, block_size=block_size, alpha_s=alpha_s, alpha_f=alpha_f,
+                    alpha_ns=alpha_ns)
+    return isa_attention_reference(q, k, v, plan)

@@ -1,0 +1,118 @@
+"""AdaFlow Keyframe Editing: MODEL -> MODEL patch running AdaFlow's keyframe pass at every sampling step."""
+from __future__ import annotations
+
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+from comfy_api.latest import io
+
+from ..core.adaflow_attention import adaflow_self_attention
+from ..core.adaflow_edit import FeatureInjection, KeyframeEditor
+from ..core.errors import LongEditError
+from .adaflow_invert import InversionType
+from .adaflow_keyframes import KeyframesType
+from .comfy_glue import check_sd_unet
+
+WRAPPER_KEY = "longedit_adaflow"
+PNP_ATTENTION_FROM_OUTPUT_BLOCK = 4  # TokenFlow/PnP: decoder self-attention from up_blocks[1].attentions[1] on
+PNP_FEATURE_MODULE = "diffusion_model.output_blocks.4.0.out_layers"  # up_blocks[1].resnets[1], before the skip
+
+
+def transformer_blocks(diffusion_model) -> list[tuple[str, int, int]]:
+    """(block name, number, transformer index) of every self-attention layer of a ComfyUI UNetModel."""
+    found = []
+    for name, blocks in (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+                         ("output", diffusion_model.output_blocks)):
+        for number, block in enumerate(blocks):
+            for module in block:
+                if isinstance(module, SpatialTransformer):
+                    found += [(name, number, i) for i in range(len(module.transformer_blocks))]
+    return found
+
+
+def make_attn1_replace(block: tuple[str, int, int], previous):
+    pnp_layer = block[0] == "output" and block[1] >= PNP_ATTENTION_FROM_OUTPUT_BLOCK
+
+    def per_frame(q, k, v, heads, extra_options):
+        if previous is not None:  # another pack's replace keeps doing the per-frame attention
+            return previous(q, k, v, extra_options)
+        return optimized_attention(q, k, v, heads)
+
+    def replace(q, k, v, extra_options):
+        layout = extra_options.get(WRAPPER_KEY)
+        heads = extra_options["n_heads"]
+        if layout is None:
+            return per_frame(q, k, v, heads, extra_options)
+        return adaflow_self_attention(q, k, v, heads, layout, pnp_layer,
+                                      lambda q_, k_, v_, h_: per_frame(q_, k_, v_, h_, extra_options))
+
+    return replace
+
+
+def patch_model(model, inversion, keyframes, pnp_attn_t: float, pnp_f_t: float, kv_budget: int):
+    """A clone of `model` whose every sampling call runs AdaFlow's keyframe pass (the input is untouched)."""
+    check_sd_unet(model, "AdaFlow Keyframe Editing")
+    editor = KeyframeEditor(inversion, keyframes, pnp_attn_t, pnp_f_t, kv_budget)
+    patched = model.clone()
+    current = {"layout": None}
+
+    def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        if control is not None or c_concat is not None or kwargs:
+            raise LongEditError("AdaFlow Keyframe Editing does not yet combine with ControlNet or concat/extra "
+                                "conditionings.", "remove the ControlNet/inpainting conditioning from this graph.")
+        branches = len(transformer_options.get("cond_or_uncond", [0]))
+
+        def run(x_in, sigma, context, layout):
+            options = dict(transformer_options)
+            options[WRAPPER_KEY] = layout
+            current["layout"] = layout
+            try:
+                return executor(x_in, sigma, None, context, None, options)
+            finally:
+                current["layout"] = None
+
+        return editor(run, x, t, c_crossattn, branches)
+
+    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    for block in transformer_blocks(patched.model.diffusion_model):
+        previous = existing.get(block) or existing.get(block[:2])
+        patched.set_model_attn1_replace(make_attn1_replace(block, previous), *block)
+    original = patched.get_model_object(PNP_FEATURE_MODULE)
+    patched.add_object_patch(PNP_FEATURE_MODULE, FeatureInjection(original, lambda: current["layout"]))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    return patched
+
+
+class AdaFlowKeyframeEditing(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LongEditAdaFlowKeyframeEditing",
+            display_name="AdaFlow Keyframe Editing",
+            category="LongEdit/adaflow",
+            description=(
+                "Patches the MODEL so that each sampling step edits the keyframes jointly: every keyframe attends "
+                "to the tokens of all keyframes (extended attention), slimmed to a budget by Adaptive Attention "
+                "Slimming; an unedited source branch replays the inversion and injects its structure "
+                "(plug-and-play). Use the patched MODEL in KSamplerAdvanced with the inverted LATENT."),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x/SD2.x MODEL (the same one AdaFlow Invert used)."),
+                InversionType.Input("inversion", tooltip="From AdaFlow Invert."),
+                KeyframesType.Input("keyframes", optional=True,
+                                    tooltip="From AdaFlow Keyframe Selection. Without it every frame is a keyframe "
+                                            "(fine for short clips; long videos need keyframes and propagation)."),
+                io.Float.Input("pnp_attn_t", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps (from the first) in which the decoder's self-attention "
+                                       "q/k come from the source video: more keeps more structure."),
+                io.Float.Input("pnp_f_t", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps in which the decoder's residual features come from "
+                                       "the source video."),
+                io.Int.Input("kv_budget", default=20, min=1, max=10_000,
+                             tooltip="Keyframes whose full K/V every keyframe attends to. With more keyframes, AAS "
+                                     "keeps for each keyframe this many frames' worth of the most similar tokens."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched clone; the input MODEL is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, pnp_attn_t, pnp_f_t, kv_budget, keyframes=None) -> io.NodeOutput:
+        return io.NodeOutput(patch_model(model, inversion, keyframes, pnp_attn_t, pnp_f_t, kv_budget))

@@ -1,0 +1,91 @@
+"""AdaFlow Invert: DDIM inversion of the video latents, keeping the whole trajectory on disk."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import torch
+
+import comfy.model_management as mm
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..core.errors import LongEditError
+from ..core.inversion import ddim_invert
+from ..core.memory import frames_per_chunk
+from .comfy_glue import Progress, check_sd_unet, scratch_dir
+
+InversionType = io.Custom("LONGEDIT_INVERSION")
+
+
+def make_eps(model, context: torch.Tensor):
+    """eps(x, sigma): the MODEL's noise estimate (with its own patches) for sampler-space latents."""
+    base = model.model
+    device = mm.get_torch_device()
+    options = model.model_options.get("transformer_options", {})
+
+    @torch.no_grad()
+    def eps(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        x = x.to(device)
+        s = torch.full((x.shape[0],), sigma, device=device)
+        denoised = base.apply_model(x, s, c_crossattn=context.to(device).expand(x.shape[0], -1, -1),
+                                    transformer_options=dict(options))
+        return ((x - denoised) / sigma).float()
+
+    return eps
+
+
+class AdaFlowInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LongEditAdaFlowInvert",
+            display_name="AdaFlow Invert (DDIM)",
+            category="LongEdit/adaflow",
+            description=(
+                "DDIM-inverts the video latents along the sampler's sigma schedule and keeps the latent at every "
+                "step (float16, on disk under ComfyUI's temp directory): the source branch of the edit replays "
+                "it for plug-and-play structure injection. Sample the output LATENT with KSamplerAdvanced "
+                "(add_noise disable, same steps and scheduler, start_at_step 0, sampler ddim or euler)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x/SD2.x MODEL of the edit (AdaFlow uses SD2.1-base)."),
+                io.Latent.Input("latent", tooltip="The video latents from Encode Video (LongEdit)."),
+                io.Conditioning.Input("source_prompt",
+                                      tooltip="Conditioning of the source video: CLIP Text Encode with an empty "
+                                              "prompt (as AdaFlow) or a description of the original video."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="Sampling steps; KSamplerAdvanced must use the same number."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
+                               tooltip="Sigma schedule; KSamplerAdvanced must use the same one."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="The inverted latents: sample from these."),
+                InversionType.Output(display_name="inversion",
+                                     tooltip="The trajectory and its sigmas, for AdaFlow Keyframe Editing."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, source_prompt, steps, scheduler) -> io.NodeOutput:
+        check_sd_unet(model, "AdaFlow Invert")
+        samples = latent["samples"]
+        if samples.ndim != 4:
+            raise LongEditError(f"Expected one latent per frame [frames, c, h, w], got {tuple(samples.shape)}.",
+                                "connect the output of Encode Video (LongEdit).")
+        base = model.model
+        sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, scheduler, steps).cpu().double().numpy()
+        context = source_prompt[0][0][:1].float()
+        per_frame = model.memory_required([1, *samples.shape[1:]])
+        mm.load_models_gpu([model], memory_required=per_frame)
+        chunk = frames_per_chunk(mm.get_free_memory(mm.get_torch_device()), per_frame, 1)
+        progress = Progress(samples.shape[0] * steps)
+
+        def on_progress(done: int) -> None:
+            progress.check()
+            progress.update(done)
+
+        inversion = ddim_invert(base.process_latent_in(samples.float()), sigmas, make_eps(model, context), chunk,
+                                folder=os.path.join(scratch_dir(), f"inversion_{uuid.uuid4().hex[:12]}"),
+                                source_context=context, on_progress=on_progress)
+        start = base.process_latent_out(inversion.latents_at(0))
+        return io.NodeOutput({"samples": start}, inversion)

@@ -1,0 +1,324 @@
+"""ISA (In-context Sparse Attention): the torch reference against exact attention, its selections, and the
+Triton kernel in the interpreter against the reference on odd shapes, from one shared plan."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+
+from longedit.kernels import HAVE_TRITON
+from longedit.kernels.isa_reference import (
+    block_layout, count_for_ratio, isa_attention_reference, isa_reference, plan_isa, pool_blocks,
+)
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="the interpreter check needs triton and TRITON_INTERPRET=1 (set by conftest "
+                                         "on machines without CUDA; the gpu tier checks the compiled kernel)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """The reference runs thousands of tiny ops; with intra-op threads on a busy machine their barriers
+    cost ~100x (seen: 0.1 s -> 13 s per test with one core taken by another process). One thread here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def exact_attention(q, k, v):
+    """Dense softmax attention in float64, the ground truth."""
+    q, k, v = q.double(), k.double(), v.double()
+    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ v
+
+
+def structured_qkv(batch, heads, n, d, block, seed, dtype=torch.float32):
+    """Keys clustered by block (a centre per block plus noise) and queries whose scale varies by block, so
+    some query blocks see a peaked block distribution and some a flat one: sharpness has something to rank."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = -(-n // block)
+    centres = torch.randn(batch, heads, n_blocks, d, generator=g)
+    k = centres[:, :, torch.arange(n) // block] + 0.5 * torch.randn(batch, heads, n, d, generator=g)
+    scale = 0.2 + 2.3 * torch.rand(batch, heads, n_blocks, 1, generator=g)
+    q = torch.randn(batch, heads, n, d, generator=g) * scale[:, :, torch.arange(n) // block]
+    v = torch.randn(batch, heads, n, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+# ---------------------------------------------------------------- blocks, pooling, selection
+
+@pytest.mark.parametrize("n, ctx, size", [(200, (100, 200), 16), (333, (117, 333), 64), (333, (0, 0), 64),
+                                          (130, (64, 128), 64), (50, (0, 50), 16), (97, (3, 40), 16)])
+def test_blocks_tile_each_segment_and_never_straddle_the_context_boundary(n, ctx, size):
+    layout = block_layout(n, *ctx, size)
+    starts, counts, flags = layout.start.tolist(), layout.count.tolist(), layout.is_context.tolist()
+    assert starts[0] == 0 and all(s + c == t for s, c, t in zip(starts, counts, starts[1:] + [n]))
+    assert all(1 <= c <= size for c in counts)
+    for s, c, is_ctx in zip(starts, counts, flags):
+        assert all((ctx[0] <= t < ctx[1]) == is_ctx for t in range(s, s + c))
+    if ctx[0] % size == 0 and ctx[1] % size in (0, n % size):  # aligned: the plain tiling of the axis
+        assert starts == list(range(0, n, size))
+
+
+def test_pooling_divides_partial_blocks_by_their_true_count():
+    x = torch.randn(2, 3, 97, 8, dtype=torch.float16)
+    layout = block_layout(97, 3, 40, 16)
+    pooled = pool_blocks(x, layout)
+    expected = torch.stack([x[:, :, s:s + c].float().mean(dim=2)
+                            for s, c in zip(layout.start.tolist(), layout.count.tolist())], dim=2)
+    assert pooled.dtype == torch.float32
+    assert torch.allclose(pooled, expected, atol=1e-6)
+
+
+def test_counts_round_up_without_float_noise():
+    assert count_for_ratio(0.1, 30) == 3  # 0.1 * 30 == 3.0000000000000004 in floats
+    assert count_for_ratio(0.125, 8) == 1 and count_for_ratio(0.125, 9) == 2
+    assert count_for_ratio(0.0, 5) == 0 and count_for_ratio(1.0, 5) == 5
+
+
+def test_plan_sizes_follow_the_ratios():
+    q, k, v = structured_qkv(2, 3, 333, 16, 16, seed=1)
+    plan = plan_isa(q, k, v, 165, 333, block_size=16, alpha_s=0.125, alpha_f=0.5, alpha_ns=0.0625)
+    n_blocks = plan.layout.n_blocks
+    n_src = int((~plan.layout.is_context).sum())
+    n_ctx = n_blocks - n_src
+    assert plan.n_kept == n_src + math.ceil(0.125 * n_ctx)
+    assert (plan.exact_query.sum(-1) == math.ceil(0.5 * n_blocks)).all()
+    n_near = max(1, math.ceil(0.0625 * plan.n_kept))
+    assert torch.equal(plan.exact_count, torch.where(plan.exact_query, plan.n_kept, n_near).int())
+    # kv_order is a permutation of the kept set for every query block
+    assert torch.equal(plan.kv_order.long().sort(-1).values, plan.kept_blocks.unsqueeze(2).expand_as(plan.kv_order))
+
+
+def test_preselection_keeps_every_source_block_and_the_salient_context_block():
+    q, k, v = structured_qkv(1, 2, 256, 32, 16, seed=2)
+    ctx_start = 128  # blocks 0-7 source, 8-15 context
+    planted = 13
+    direction = q[:, :, :ctx_start].mean(dim=2, keepdim=True)
+    k[:, :, planted * 16:(planted + 1) * 16] = 8 * direction / direction.norm(dim=-1, keepdim=True) * math.sqrt(32)
+    plan = plan_isa(q, k, v, ctx_start, 256, block_size=16, alpha_s=0.125)
+    assert plan.n_kept == 8 + 1
+    assert (plan.kept_blocks == torch.tensor(list(range(8)) + [planted])).all()
+    all_kept = plan_isa(q, k, v, ctx_start, 256, block_size=16, alpha_s=1.0)
+    assert torch.equal(all_kept.kept_blocks, torch.arange(16).expand(1, 2, 16))
+
+
+def test_exact_query_blocks_are_the_sharpest():
+    """Sharpness is Var(softmax_j(S̄[i, j] + ln b_j)) over kept blocks; the exact blocks have the largest."""
+    q, k, v = structured_qkv(1, 2, 200, 16, 16, seed=3)
+    plan = plan_isa(q, k, v, 100, 200, block_size=16, alpha_s=0.5, alpha_f=0.25)
+    layout = plan.layout
+    pooled_q = pool_blocks(q, layout)
+    kept = plan.kept_blocks
+    for h in range(2):
+        scores = pooled_q[0, h] @ plan.pooled_k[0, h, kept[0, h]].T / 4 + layout.count[kept[0, h]].float().log()
+        p = scores.softmax(dim=-1)
+        sharpness = ((p - 1 / p.shape[-1]) ** 2).mean(dim=-1)
+        exact = plan.exact_query[0, h]
+        assert sharpness[exact].min() >= sharpness[~exact].max()
+
+
+# ---------------------------------------------------------------- reference against exact attention
+
+@pytest.mark.parametrize("n, d, size, ctx", [(200, 64, 16, (100, 200)), (333, 64, 64, (165, 333)),
+                                             (333, 128, 16, (117, 300)), (97, 128, 64, (0, 97))])
+def test_reference_with_everything_kept_and_exact_is_softmax_attention(n, d, size, ctx):
+    q, k, v = structured_qkv(2, 3, n, d, size, seed=n + d)
+    out = isa_reference(q, k, v, *ctx, block_size=size, alpha_s=1.0, alpha_f=1.0, alpha_ns=0.0)
+    truth = exact_attention(q, k, v)
+    assert rel_l2(out, truth) <= 1e-3
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert rel_l2(out, sdpa) <= 1e-3
+
+
+def test_error_does_not_grow_as_more_query_blocks_go_exact():
+    q, k, v = structured_qkv(1, 3, 333, 64, 16, seed=4)
+    truth = exact_attention(q, k, v)
+    errors = [rel_l2(isa_reference(q, k, v, 165, 333, block_size=16, alpha_s=1.0, alpha_f=a, alpha_ns=0.0), truth)
+              for a in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(later <= earlier * 1.001 + 1e-6 for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[0] > 10 * errors[-1] and errors[-1] < 1e-5, errors
+
+
+def test_error_does_not_grow_as_taylor_blocks_attend_to_more_blocks_exactly():
+    q, k, v = structured_qkv(1, 3, 333, 64, 16, seed=5)
+    truth = exact_attention(q, k, v)
+    errors = [rel_l2(isa_reference(q, k, v, 165, 333, block_size=16, alpha_s=1.0, alpha_f=0.0, alpha_ns=a), truth)
+              for a in (0.0, 0.125, 0.25, 0.5, 1.0)]
+    assert all(later <= earlier * 1.02 + 1e-6 for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[0] > 10 * errors[-1] and errors[-1] < 1e-5, errors
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sharpness_sends_the_right_half_of_the_query_blocks_to_exact_attention(seed):
+    """The paper's premise: sharp query blocks are the ones the Taylor path serves worst. Making the
+    sharpest half exact must beat making the other half exact."""
+    q, k, v = structured_qkv(1, 3, 333, 64, 16, seed=seed)
+    truth = exact_attention(q, k, v)
+    plan = plan_isa(q, k, v, 165, 333, block_size=16, alpha_s=1.0, alpha_f=0.5, alpha_ns=0.0625)
+    flat = ~plan.exact_query
+    assert (flat.sum(-1) == plan.exact_query.sum(-1)).all()  # 22 blocks: the halves are the same size
+    n_near = int(plan.exact_count.min())
+    opposite = dataclasses.replace(plan, exact_query=flat,
+                                   exact_count=torch.where(flat, plan.n_kept, n_near).to(torch.int32))
+    by_sharpness = rel_l2(isa_attention_reference(q, k, v, plan), truth)
+    by_flatness = rel_l2(isa_attention_reference(q, k, v, opposite), truth)
+    assert by_sharpness < 0.6 * by_flatness, (by_sharpness, by_flatness)
+
+
+def blockwise_constant_qkv(n, d, size, seed):
+    """k and v constant inside each block of block_layout(n, 0, 0, size): the pooled pseudo-token then
+    stands for its block exactly (exp(q·k̄/√d + ln b) = b exp(q·k/√d)), so every ISA path is exact."""
+    g = torch.Generator().manual_seed(seed)
+    block_of = torch.arange(n) // size
+    n_blocks = int(block_of[-1]) + 1
+    k = (2 * torch.randn(1, 2, n_blocks, d, generator=g))[:, :, block_of]
+    v = torch.randn(1, 2, n_blocks, d, generator=g)[:, :, block_of]
+    return torch.randn(1, 2, n, d, generator=g), k, v
+
+
+@pytest.mark.parametrize("alphas", [(1.0, 0.0, 0.0), (1.0, 0.5, 0.0625), (1.0, 0.0, 0.3)])
+def test_taylor_path_is_exact_when_blocks_are_constant(alphas):
+    """Checks the ln(b_j) bias with true counts: the last block is partial (9 of 16 tokens)."""
+    alpha_s, alpha_f, alpha_ns = alphas
+    q, k, v = blockwise_constant_qkv(105, 32, 16, seed=6)
+    plan = plan_isa(q, k, v, 0, 0, block_size=16, alpha_s=alpha_s, alpha_f=alpha_f, alpha_ns=alpha_ns)
+    assert plan.layout.count[-1] == 9
+    assert rel_l2(isa_attention_reference(q, k, v, plan), exact_attention(q, k, v)) <= 1e-5
+
+
+# ---------------------------------------------------------------- online softmax: the rescale is needed
+
+def rising_logit_case(order_kind: str):
+    """4 blocks of 16 tokens (the last holds 8) with block-constant keys whose logits rise by 8 per block
+    (0, 8, 16, 24) and one-hot values per block. The plan visits the blocks in ascending order, so the running
+    max rises at every step: 'exact' attends to all 4 blocks token by token; 'taylor' attends to block 0
+    exactly and reaches blocks 1-3 as pooled pseudo-tokens after it. Both are exact softmax attention."""
+    d, size, n = 16, 16, 56
+    block_of = torch.arange(n) // size
+    direction = torch.zeros(d)
+    direction[0] = 1.0
+    q = direction.expand(1, 1, n, d).clone()
+    k = (8.0 * math.sqrt(d) * block_of.float())[:, None] * direction
+    v = torch.nn.functional.one_hot(block_of, d).float()
+    q, k, v = q, k.expand(1, 1, n, d).clone(), v.expand(1, 1, n, d).clone()
+    plan = plan_isa(q, k, v, 0, 0, block_size=size, alpha_s=1.0, alpha_f=1.0)
+    ascending = torch.arange(4, dtype=torch.int32).expand(1, 1, 4, 4).contiguous()
+    n_exact = 4 if order_kind == "exact" else 1
+    plan = dataclasses.replace(plan, kv_order=ascending, exact_count=torch.full((1, 1, 4), n_exact, dtype=torch.int32))
+    return q, k, v, plan
+
+
+def online_softmax(chunks, rescale: bool):
+    """The kernel's loop in torch, chunk by chunk (logits [M, T], values [T, d]); rescale=False is the bug."""
+    m = torch.full((chunks[0][0].shape[0], 1), float("-inf"), dtype=torch.float64)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(chunks[0][0].shape[0], chunks[0][1].shape[1], dtype=torch.float64)
+    for logits, values in chunks:
+        m_new = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
+        factor = torch.exp(m - m_new) if rescale else torch.ones_like(m)
+        p = torch.exp(logits - m_new)
+        l = l * factor + p.sum(dim=1, keepdim=True)
+        acc = acc * factor + p @ values
+        m = m_new
+    return acc / l
+
+
+def kernel_order_chunks(q, k, v, plan, i=0):
+    """The (logits, values) tiles the kernel feeds its softmax for query block i, in its order."""
+    starts, counts = plan.layout.start.tolist(), plan.layout.count.tolist()
+    order, n_exact = plan.kv_order[0, 0, i].tolist(), int(plan.exact_count[0, 0, i])
+    rows = q[0, 0, starts[i]:starts[i] + counts[i]].double()
+    scale = 1 / math.sqrt(q.shape[-1])
+    chunks = []
+    for j in order[:n_exact]:
+        tokens = slice(starts[j], starts[j] + counts[j])
+        chunks.append((rows @ k[0, 0, tokens].double().T * scale, v[0, 0, tokens].double()))
+    pooled = order[n_exact:]
+    if pooled:
+        bias = torch.tensor([math.log(counts[j]) for j in pooled], dtype=torch.float64)
+        chunks.append((rows @ plan.pooled_k[0, 0, pooled].double().T * scale + bias,
+                       plan.pooled_v[0, 0, pooled].double()))
+    return chunks
+
+
+@pytest.mark.parametrize("order_kind", ["exact", "taylor"])
+def test_rising_running_max_needs_the_rescale(order_kind):
+    q, k, v, plan = rising_logit_case(order_kind)
+    truth = exact_attention(q, k, v)
+    assert rel_l2(isa_attention_reference(q, k, v, plan), truth) <= 1e-5
+    chunks = kernel_order_chunks(q, k, v, plan)
+    assert rel_l2(online_softmax(chunks, rescale=True), truth[0, 0, :16]) <= 1e-9
+    assert rel_l2(online_softmax(chunks, rescale=False), truth[0, 0, :16]) > 0.5  # the bug would show
+
+
+@needs_triton
+@pytest.mark.parametrize("order_kind", ["exact", "taylor"])
+def test_triton_rescales_when_the_running_max_rises(order_kind):
+    from longedit.kernels.isa import isa_attention_triton
+
+    q, k, v, plan = rising_logit_case(order_kind)
+    assert rel_l2(isa_attention_triton(q, k, v, plan), exact_attention(q, k, v)) <= 1e-5
+
+
+# ---------------------------------------------------------------- Triton in the interpreter
+
+@needs_triton
+@pytest.mark.parametrize("batch, n, d, size, ctx, dtype", [
+    (1, 200, 64, 16, (100, 200), torch.float32),
+    (2, 333, 32, 16, (117, 333), torch.float32),
+    (1, 333, 64, 64, (165, 333), torch.float32),
+    (1, 97, 128, 16, (3, 40), torch.float32),
+    (1, 150, 48, 16, (75, 150), torch.float16),
+])
+def test_triton_matches_reference_in_the_interpreter(batch, n, d, size, ctx, dtype):
+    from longedit.kernels.isa import isa_attention_triton
+
+    q, k, v = structured_qkv(batch, 3, n, d, size, seed=n * d, dtype=dtype)
+    plan = plan_isa(q, k, v, *ctx, block_size=size, alpha_s=0.5, alpha_f=0.5, alpha_ns=0.2)
+    assert (~plan.exact_query).any() and (plan.exact_count < plan.n_kept).any()  # both paths run
+    out = isa_attention_triton(q, k, v, plan)
+    ref = isa_attention_reference(q, k, v, plan)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_l2(out, ref) <= (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@needs_triton
+def test_triton_reads_strided_inputs():
+    """q, k, v as [B, H, N, d] views of [B, N, H, d] tensors, as attention layers usually hold them."""
+    from longedit.kernels.isa import isa_attention_triton
+
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in structured_qkv(1, 3, 130, 32, 16, seed=7))
+    assert not q.is_contiguous()
+    plan = plan_isa(q, k, v, 65, 130, block_size=16, alpha_s=0.5, alpha_f=0.5, alpha_ns=0.1)
+    assert rel_l2(isa_attention_triton(q, k, v, plan), isa_attention_reference(q, k, v, plan)) <= 1e-5
+
+
+# ---------------------------------------------------------------- input checks
+
+def test_bad_arguments_are_refused():
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="context range"):
+        plan_isa(q, q, q, 30, 50, block_size=16)
+    with pytest.raises(ValueError, match="alpha_f"):
+        plan_isa(q, q, q, 0, 20, block_size=16, alpha_f=1.5)
+    with pytest.raises(ValueError, match="one shape"):
+        plan_isa(q, q[:, :, :30], q, 0, 20, block_size=16)
+
+
+@needs_triton
+def test_triton_refuses_block_sizes_it_cannot_tile():
+    from longedit.kernels.isa import isa_attention_triton
+
+    q = torch.randn(1, 1, 40, 16)
+    with pytest.raises(ValueError, match="power of two"):
+        isa_attention_triton(q, q, q, plan_isa(q, q, q, 0, 20, block_size=24))
