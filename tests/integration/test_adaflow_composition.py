@@ -1,0 +1,71 @@
+"""AdaFlow's patch composes with other packs' patches and leaves the input MODEL untouched (in-process)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfy_harness import CKPT, REPO, _comfy_python, ensure_checkpoint
+
+SCRIPT = r'''
+import importlib.util, os, sys
+import numpy as np
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch, comfy.sd, comfy.sample, comfy.samplers, folder_paths
+
+spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO, "__init__.py"))
+pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
+from longedit_pack.nodes.adaflow_edit import patch_model
+from longedit_pack.nodes.adaflow_invert import make_eps
+from longedit_pack.core.inversion import ddim_invert
+
+model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path_or_raise("checkpoints", CKPT))
+calls = {"attn1_patch": 0, "other_replace": 0}
+
+def counting_patch(n, context, value, extra_options):  # "another pack": runs on every self-attention input
+    calls["attn1_patch"] += 1
+    return n, context, value
+
+def other_replace(q, k, v, extra_options):  # "another pack": its own attention on input block 1
+    calls["other_replace"] += 1
+    from comfy.ldm.modules.attention import optimized_attention
+    return optimized_attention(q, k, v, extra_options["n_heads"])
+
+other = model.clone()
+other.set_model_attn1_patch(counting_patch)
+other.set_model_attn1_replace(other_replace, "input", 1, 0)
+before = (repr(other.model_options), dict(other.object_patches), dict(other.wrappers))
+
+steps = 2
+empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+prompt = clip.encode_from_tokens_scheduled(clip.tokenize("a painting"))
+latents = torch.randn(3, 4, 8, 14)
+sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "ddim_uniform", steps).double().numpy()
+context = empty[0][0][:1].float()
+inversion = ddim_invert(model.model.process_latent_in(latents), sigmas, make_eps(model, context), 3,
+                        source_context=context)
+patched = patch_model(other, inversion, None, 1.0, 1.0, 20)
+start = model.model.process_latent_out(inversion.latents_at(0))
+out = comfy.sample.sample(patched, torch.zeros_like(start), steps, 5.0, "ddim", "ddim_uniform", prompt, empty,
+                          start, denoise=1.0, disable_noise=True, seed=0)
+assert torch.isfinite(out).all() and out.shape == latents.shape, out.shape
+after = (repr(other.model_options), dict(other.object_patches), dict(other.wrappers))
+assert before == after, "the input MODEL was mutated"
+assert calls["attn1_patch"] > 0 and calls["other_replace"] > 0, calls
+assert patched.object_patches and not model.object_patches
+print("OK", calls)
+'''
+
+
+def test_adaflow_composes_with_other_patches_and_keeps_the_input_model():
+    root = os.environ.get("COMFYUI_PATH")
+    if not root or not (Path(root) / "main.py").exists():
+        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")
+    python = _comfy_python(Path(root))
+    ensure_checkpoint(Path(root), python)
+    code = f"REPO = {str(REPO)!r}\nCKPT = {CKPT!r}\n" + SCRIPT
+    result = subprocess.run([python, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
