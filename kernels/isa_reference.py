@@ -188,7 +188,7 @@ def order_kept_blocks(scores: torch.Tensor, kept_blocks: torch.Tensor) -> torch.
 def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
              block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
              alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS) -> IsaPlan:
-    """Steps 1-6 up to (not including) attention: pooling, coarse scores and every selection."""
+    """Everything before attention (steps 1-5 and the block ranking of step 6), computed once in torch."""
     check_qkv(q, k, v)
     for name, ratio in (("alpha_s", alpha_s), ("alpha_f", alpha_f), ("alpha_ns", alpha_ns)):
         if not 0.0 <= ratio <= 1.0:
