@@ -88,8 +88,10 @@ class KeyframeEditor:
         layout = PassLayout(frames=k, branches=branches + 1, has_source=True,
                             inject_qk=step < self.attn_steps, inject_conv=step < self.conv_steps,
                             selection=self.selection(step, x.device) if extended else None, extended=extended)
+        # The host may keep the conditioning on another device than the latents (ComfyUI moves it later).
+        branch_context = context[rows.to(context.device)]
         denoised = run(torch.cat([source, x[rows]]), sigma.flatten()[:1].expand(k * (branches + 1)),
-                       torch.cat([source_context.expand(k, -1, -1), context[rows]]), layout)
+                       torch.cat([source_context.expand(k, -1, -1), branch_context]), layout)
         out[rows] = denoised[k:].to(out.dtype)
 
 
