@@ -12,17 +12,21 @@ import torch.nn.functional as F
 
 
 def subset_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: torch.Tensor,
-                               heads: int, frames_per_chunk: int = 8) -> torch.Tensor:
-    """Gather each frame's keys/values, then softmax attention (float32 math), a few frames at a time."""
+                               heads: int, frames_per_chunk: int = 8, upcast: bool = True) -> torch.Tensor:
+    """Gather each frame's keys/values, then softmax attention, a few frames at a time.
+
+    upcast=True computes in float32 (the reference); upcast=False keeps the input dtype, so that on CUDA
+    SDPA picks its fastest backend (cuDNN/flash): that is the production path on GPUs (see kernels/__init__)."""
     frames, tokens, width = q.shape
     d = width // heads
     out = torch.empty_like(q)
     for i0 in range(0, frames, frames_per_chunk):
         sel = selection[i0:i0 + frames_per_chunk].long()  # [n, S]
         n, s = sel.shape
-        qi = q[i0:i0 + n].float().view(n, tokens, heads, d).transpose(1, 2)  # [n, H, T, d]
-        ki = k[sel].float().view(n, s, heads, d).transpose(1, 2)  # [n, H, S, d]
-        vi = v[sel].float().view(n, s, heads, d).transpose(1, 2)
+        cast = (lambda t: t.float()) if upcast else (lambda t: t)  # noqa: E731
+        qi = cast(q[i0:i0 + n]).view(n, tokens, heads, d).transpose(1, 2)  # [n, H, T, d]
+        ki = cast(k[sel]).view(n, s, heads, d).transpose(1, 2)  # [n, H, S, d]
+        vi = cast(v[sel]).view(n, s, heads, d).transpose(1, 2)
         oi = F.scaled_dot_product_attention(qi, ki, vi)
         out[i0:i0 + n] = oi.transpose(1, 2).reshape(n, tokens, width).to(q.dtype)
     return out
