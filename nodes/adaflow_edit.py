@@ -51,6 +51,8 @@ def make_attn1_replace(block: tuple[str, int, int], previous):
 def patch_model(model, inversion, keyframes, pnp_attn_t: float, pnp_f_t: float, kv_budget: int):
     """A clone of `model` whose every sampling call runs AdaFlow's keyframe pass (the input is untouched)."""
     check_sd_unet(model, "AdaFlow Keyframe Editing")
+    if keyframes is not None:  # the plan must describe these very frames, in this order
+        keyframes.check_latents(model.model.process_latent_out(inversion.latents_at(inversion.steps)))
     editor = KeyframeEditor(inversion, keyframes, pnp_attn_t, pnp_f_t, kv_budget)
     patched = model.clone()
     current = {"layout": None}

@@ -56,6 +56,27 @@ after = (repr(other.model_options), dict(other.object_patches), dict(other.wrapp
 assert before == after, "the input MODEL was mutated"
 assert calls["attn1_patch"] > 0 and calls["other_replace"] > 0, calls
 assert patched.object_patches and not model.object_patches
+
+# The keyframe plan must come from the same frames in the same order as the inversion.
+from longedit_pack.core.keyframes import select_keyframes
+from longedit_pack.core.errors import LongEditError
+plan = select_keyframes([torch.randn(3, 8, 8, 14)], latents)
+patch_model(model, inversion, plan, 1.0, 1.0, 20)  # the same frames: accepted
+swapped = select_keyframes([torch.randn(3, 8, 8, 14)], latents[[1, 0, 2]])
+try:
+    patch_model(model, inversion, swapped, 1.0, 1.0, 20)
+    raise AssertionError("a reordered keyframe plan was accepted")
+except LongEditError as e:
+    assert "first at frame 0" in str(e), e
+
+# Other model families are refused with a message naming what is supported.
+import types, comfy.supported_models
+sdxl = types.SimpleNamespace(model=types.SimpleNamespace(model_config=comfy.supported_models.SDXL({})))
+try:
+    patch_model(sdxl, inversion, None, 1.0, 1.0, 20)
+    raise AssertionError("an SDXL model was accepted")
+except LongEditError as e:
+    assert "SDXL" in str(e) and "SD1.5 or SD2.1" in str(e), e
 print("OK", calls)
 '''
 
