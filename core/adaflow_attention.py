@@ -11,7 +11,7 @@ Everything here is plain tensors; the host (ComfyUI) installs `adaflow_self_atte
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -34,7 +34,19 @@ class PassLayout:
     inject_conv: bool  # PnP residual-feature injection is on at this step
     selection: dict[int, torch.Tensor] | None = None  # tokens per frame -> [K, S] AAS subset; None: full
     extended: bool = True  # edited branches attend across keyframes (False: per frame, e.g. non-keyframes)
-    stats: dict = field(default_factory=dict)
+    record: dict | None = None  # keyframe pass: layer -> its attention output [branches, K*T, C], kept
+    propagate: "Propagation | None" = None  # propagation pass: take outputs from the recorded keyframes
+
+
+@dataclass
+class Propagation:
+    """For a chunk of non-keyframes: where each of their tokens takes its attention output from.
+
+    index[T] is [n, T] into the recorded keyframe outputs flattened over K*T (T tokens per frame at that
+    attention level): frame f's token t takes the output of token matches[f, t] of its clip's keyframe."""
+
+    recorded: dict
+    index: dict[int, torch.Tensor]
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -53,12 +65,24 @@ def extended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     return out.view(frames, tokens, width)
 
 
+def propagated_output(recorded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """recorded [B, K*T, C], index [n, T] -> [B * n, T, C]: every branch gathers through the same matches."""
+    b, _, c = recorded.shape
+    n, t = index.shape
+    return recorded[:, index.reshape(-1)].view(b * n, t, c)
+
+
 def adaflow_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: PassLayout,
-                           pnp_layer: bool, per_frame: Attention = sdpa_attention) -> torch.Tensor:
-    """q, k, v [branches * K, T, H*d] -> attention output of the same shape (see the module docstring)."""
+                           pnp_layer: bool, per_frame: Attention = sdpa_attention, layer=None) -> torch.Tensor:
+    """q, k, v [branches * K, T, H*d] -> attention output of the same shape (see the module docstring).
+
+    `layer` names the attention layer, so that a keyframe pass can record its output (layout.record) and
+    a propagation pass can hand non-keyframes the recorded keyframe outputs instead of attending."""
     K, B = layout.frames, layout.branches
     if q.shape[0] != K * B:
         raise ValueError(f"batch {q.shape[0]} is not {B} branches x {K} frames")
+    if layout.propagate is not None:
+        return propagated_output(layout.propagate.recorded[layer], layout.propagate.index[q.shape[1]]).to(q.dtype)
     q = q.view(B, K, *q.shape[1:])
     k = k.view(B, K, *k.shape[1:])
     v = v.view(B, K, *v.shape[1:])
@@ -78,7 +102,10 @@ def adaflow_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
             outs.append(subset_attention(q[b], k[b].reshape(-1, k.shape[-1]), v[b].reshape(-1, v.shape[-1]), sel, heads))
         else:
             outs.append(extended_attention(q[b], k[b], v[b], heads))
-    return torch.stack(outs).view(B * K, *q.shape[2:])
+    out = torch.stack(outs).view(B * K, *q.shape[2:])
+    if layout.record is not None:
+        layout.record[layer] = out.view(B, K * q.shape[2], q.shape[3])
+    return out
 
 
 def aas_selection(scores: torch.Tensor, levels: list[tuple[int, int]], level_of_scores: int,

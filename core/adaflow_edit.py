@@ -4,8 +4,9 @@ The sampler calls the model with all frames of one or more branches (cond / unco
 turns that call into a keyframe pass: the step's keyframes of every branch go through the model together
 with the source branch (the inverted latents at this sigma, source conditioning), laid out as
 [source | branch 1 | branch 2 ...]; the outputs land in one preallocated batch in frame order. Frames
-that are not keyframes (only with a keyframe plan) run without extended attention until propagation
-(`Latent Propagation`) gives them their keyframe's attention instead.
+that are not keyframes (only with a keyframe plan) then run in chunks: with propagation on, every
+self-attention layer hands them the output its keyframe pass recorded, gathered through the precomputed
+token correspondences (AdaFlow's propagation, all branches); without it, they attend within each frame.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adaflow_attention import PassLayout, aas_selection, as_index, pnp_active_steps
+from .adaflow_attention import PassLayout, Propagation, aas_selection, as_index, pnp_active_steps
 from .errors import LongEditError
 from .inversion import Inversion
 from .keyframes import AAS_LEVEL, KeyframePlan
@@ -25,7 +26,10 @@ RunModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PassLayout], torc
 
 class KeyframeEditor:
     def __init__(self, inversion: Inversion, plan: KeyframePlan | None, pnp_attn_t: float, pnp_f_t: float,
-                 kv_budget: int, chunk_frames: int = 16):
+                 kv_budget: int, chunk_frames: int = 16, propagate: bool = False):
+        if propagate and plan is None:
+            raise LongEditError("Latent propagation needs a keyframe plan.",
+                                "connect AdaFlow Keyframe Selection to AdaFlow Latent Propagation.")
         if plan is not None and plan.frame_count != inversion.frame_count:
             raise LongEditError(
                 f"The keyframe plan covers {plan.frame_count} frames but the inversion {inversion.frame_count}.",
@@ -36,6 +40,7 @@ class KeyframeEditor:
         self.conv_steps = pnp_active_steps(inversion.steps, pnp_f_t)
         self.kv_budget = kv_budget
         self.chunk_frames = chunk_frames
+        self.propagate = propagate
         self._selection_cache: tuple[int, dict] | None = None
 
     def keyframes(self, step: int) -> np.ndarray:
@@ -66,15 +71,32 @@ class KeyframeEditor:
         step = self.inversion.step_of(float(sigma.flatten()[0]))
         out = torch.empty_like(x)
         keyframes = self.keyframes(step)
-        self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out)
+        recorded = {} if self.propagate else None
+        self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out, record=recorded)
         others = np.setdiff1d(np.arange(frames), keyframes)
         for i0 in range(0, len(others), self.chunk_frames):
-            self._pass(run, x, sigma, context, branches, others[i0:i0 + self.chunk_frames], step,
-                       extended=False, out=out)
+            chunk = others[i0:i0 + self.chunk_frames]
+            propagation = self.propagation(recorded, chunk, step, x.device) if self.propagate else None
+            self._pass(run, x, sigma, context, branches, chunk, step, extended=False, out=out,
+                       propagate=propagation)
         return out
 
+    def propagation(self, recorded: dict, frames_idx: np.ndarray, step: int, device) -> Propagation:
+        """Gather indices of a chunk of non-keyframes into the keyframe pass's outputs, at every level.
+        The keyframe pass holds one keyframe per clip, in clip order, so clip c's keyframe is row c."""
+        plan = self.plan
+        clips = plan.clip_of(frames_idx)
+        slots = plan.choice(step)[clips]
+        index = {}
+        for level, (h, w) in enumerate(plan.levels):
+            tokens = h * w
+            matches = torch.from_numpy(np.asarray(plan.matches[level][frames_idx, slots])).to(device).long()
+            index[tokens] = matches + torch.as_tensor(clips * tokens, device=device)[:, None]
+        return Propagation(recorded=recorded, index=index)
+
     def _pass(self, run: RunModel, x, sigma, context, branches: int, frames_idx: np.ndarray, step: int,
-              extended: bool, out: torch.Tensor) -> None:
+              extended: bool, out: torch.Tensor, record: dict | None = None,
+              propagate: Propagation | None = None) -> None:
         frames = self.inversion.frame_count
         k = len(frames_idx)
         idx = as_index(frames_idx, x.device)
@@ -87,7 +109,8 @@ class KeyframeEditor:
                 f"{tuple(context.shape[1:])} differ in shape.", "use the same CLIP for both prompts.")
         layout = PassLayout(frames=k, branches=branches + 1, has_source=True,
                             inject_qk=step < self.attn_steps, inject_conv=step < self.conv_steps,
-                            selection=self.selection(step, x.device) if extended else None, extended=extended)
+                            selection=self.selection(step, x.device) if extended else None, extended=extended,
+                            record=record, propagate=propagate)
         # The host may keep the conditioning on another device than the latents (ComfyUI moves it later).
         branch_context = context[rows.to(context.device)]
         denoised = run(torch.cat([source, x[rows]]), sigma.flatten()[:1].expand(k * (branches + 1)),

@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from .adaflow_edit import AdaFlowKeyframeEditing
 from .adaflow_invert import AdaFlowInvert
 from .adaflow_keyframes import AdaFlowKeyframeSelection
+from .adaflow_propagation import AdaFlowLatentPropagation
 from .isa_attention import IsaSparseAttention
 from .video_encode import EncodeLongVideo
 from .video_load import LoadLongVideo
@@ -15,4 +16,4 @@ from .video_save import DecodeSaveLongVideo, SaveLongVideo
 class LongEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo, AdaFlowKeyframeSelection,
-                AdaFlowInvert, AdaFlowKeyframeEditing, IsaSparseAttention]
+                AdaFlowInvert, AdaFlowKeyframeEditing, AdaFlowLatentPropagation, IsaSparseAttention]

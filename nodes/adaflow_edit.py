@@ -43,24 +43,65 @@ def make_attn1_replace(block: tuple[str, int, int], previous):
         if layout is None:
             return per_frame(q, k, v, heads, extra_options)
         return adaflow_self_attention(q, k, v, heads, layout, pnp_layer,
-                                      lambda q_, k_, v_, h_: per_frame(q_, k_, v_, h_, extra_options))
+                                      lambda q_, k_, v_, h_: per_frame(q_, k_, v_, h_, extra_options), layer=block)
 
     return replace
 
 
-def patch_model(model, inversion, keyframes, pnp_attn_t: float, pnp_f_t: float, kv_budget: int):
-    """A clone of `model` whose every sampling call runs AdaFlow's keyframe pass (the input is untouched)."""
-    check_sd_unet(model, "AdaFlow Keyframe Editing")
-    if keyframes is not None:  # the plan must describe these very frames, in this order
-        keyframes.check_latents(model.model.process_latent_out(inversion.latents_at(inversion.steps)))
-    editor = KeyframeEditor(inversion, keyframes, pnp_attn_t, pnp_f_t, kv_budget)
+CONFIG_KEY = "longedit_adaflow_config"
+
+
+def adaflow_settings(model) -> dict:
+    """The AdaFlow settings already on this MODEL (from Keyframe Editing and/or Latent Propagation)."""
+    holder = model.model_options.get("transformer_options", {}).get(CONFIG_KEY)
+    return dict(holder()["settings"]) if holder is not None else {}
+
+
+def with_adaflow(model, **settings):
+    """A clone of `model` with AdaFlow settings merged in and AdaFlow's hooks installed (once).
+
+    The settings live behind a function in transformer_options: ComfyUI deep-copies model options on every
+    clone, and a function is copied as itself, so the trajectory and keyframe plan are never duplicated.
+    Because each node only merges its own settings, Keyframe Editing and Latent Propagation give the same
+    model in either order."""
+    check_sd_unet(model, "AdaFlow Keyframe Editing / Latent Propagation")
     patched = model.clone()
+    state = {"settings": {**adaflow_settings(model), **settings}, "editor": None,
+             "latent_out": model.model.process_latent_out}
+    patched.model_options.setdefault("transformer_options", {})[CONFIG_KEY] = lambda: state
+    if WRAPPER_KEY not in patched.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
+        install_hooks(patched)
+    return patched
+
+
+def editor_for(state: dict) -> KeyframeEditor:
+    if state["editor"] is None:
+        s = state["settings"]
+        if "inversion" not in s:
+            raise LongEditError("AdaFlow Latent Propagation needs AdaFlow Keyframe Editing on the same MODEL.",
+                                "add AdaFlow Keyframe Editing to the model chain (before or after propagation).")
+        plan, propagate = s.get("keyframes"), s.get("propagate")
+        if plan is not None and propagate is not None and plan is not propagate:
+            raise LongEditError("Keyframe Editing and Latent Propagation got different keyframe selections.",
+                                "connect the same AdaFlow Keyframe Selection output to both.")
+        plan = plan if plan is not None else propagate
+        inversion = s["inversion"]
+        if plan is not None:  # the plan must describe these very frames, in this order
+            plan.check_latents(state["latent_out"](inversion.latents_at(inversion.steps)))
+        state["editor"] = KeyframeEditor(inversion, plan, s["pnp_attn_t"], s["pnp_f_t"], s["kv_budget"],
+                                         propagate=propagate is not None)
+    return state["editor"]
+
+
+def install_hooks(patched) -> None:
+    """attn1 replaces on every self-attention layer, PnP's feature injection, and the keyframe-pass wrapper."""
     current = {"layout": None}
 
     def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         if control is not None or c_concat is not None or kwargs:
             raise LongEditError("AdaFlow Keyframe Editing does not yet combine with ControlNet or concat/extra "
                                 "conditionings.", "remove the ControlNet/inpainting conditioning from this graph.")
+        editor = editor_for(transformer_options[CONFIG_KEY]())
         branches = len(transformer_options.get("cond_or_uncond", [0]))
 
         def run(x_in, sigma, context, layout):
@@ -81,6 +122,14 @@ def patch_model(model, inversion, keyframes, pnp_attn_t: float, pnp_f_t: float, 
     original = patched.get_model_object(PNP_FEATURE_MODULE)
     patched.add_object_patch(PNP_FEATURE_MODULE, FeatureInjection(original, lambda: current["layout"]))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+
+
+def patch_model(model, inversion, keyframes, pnp_attn_t: float, pnp_f_t: float, kv_budget: int):
+    """Keyframe Editing: a clone of `model` whose every sampling call runs AdaFlow's keyframe pass."""
+    check_sd_unet(model, "AdaFlow Keyframe Editing")
+    patched = with_adaflow(model, inversion=inversion, keyframes=keyframes, pnp_attn_t=pnp_attn_t,
+                           pnp_f_t=pnp_f_t, kv_budget=kv_budget)
+    editor_for(patched.model_options["transformer_options"][CONFIG_KEY]())  # check the inputs now, not mid-sampling
     return patched
 
 

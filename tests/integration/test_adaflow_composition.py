@@ -69,6 +69,16 @@ try:
 except LongEditError as e:
     assert "first at frame 0" in str(e), e
 
+# Keyframe Editing and Latent Propagation give the same model in either order.
+from longedit_pack.nodes.adaflow_propagation import propagate_from_keyframes
+plan = select_keyframes([torch.randn(3, 8, 8, 14)], latents, __import__("longedit_pack.core.keyframes",
+                        fromlist=["AksParams"]).AksParams(max_clip_length=1, candidates_per_clip=1))
+a = propagate_from_keyframes(patch_model(model, inversion, plan, 1.0, 1.0, 20), plan)
+b = patch_model(propagate_from_keyframes(model, plan), inversion, plan, 1.0, 1.0, 20)
+outs = [comfy.sample.sample(m, torch.zeros_like(start), steps, 5.0, "ddim", "ddim_uniform", prompt, empty, start,
+                            denoise=1.0, disable_noise=True, seed=0) for m in (a, b)]
+assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
+
 # Other model families are refused with a message naming what is supported.
 import types, comfy.supported_models
 sdxl = types.SimpleNamespace(model=types.SimpleNamespace(model_config=comfy.supported_models.SDXL({})))

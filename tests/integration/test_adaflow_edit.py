@@ -15,7 +15,8 @@ def clip16(comfy) -> str:
     return name
 
 
-def edit_graph(clip: str, *, sampler_steps: int = STEPS, with_keyframes: bool = False, kv_budget: int = 20) -> dict:
+def edit_graph(clip: str, *, sampler_steps: int = STEPS, with_keyframes: bool = False, kv_budget: int = 20,
+               steps: int = STEPS) -> dict:
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
         "2": {"class_type": "LongEditLoadVideo", "inputs": dict(
@@ -25,7 +26,7 @@ def edit_graph(clip: str, *, sampler_steps: int = STEPS, with_keyframes: bool = 
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a watercolor painting", "clip": ["1", 1]}},
         "6": {"class_type": "LongEditAdaFlowInvert", "inputs": {
-            "model": ["1", 0], "latent": ["3", 0], "source_prompt": ["4", 0], "steps": STEPS,
+            "model": ["1", 0], "latent": ["3", 0], "source_prompt": ["4", 0], "steps": steps,
             "scheduler": "ddim_uniform"}},
         "7": {"class_type": "LongEditAdaFlowKeyframeEditing", "inputs": {
             "model": ["1", 0], "inversion": ["6", 1], "pnp_attn_t": 0.8, "pnp_f_t": 0.8, "kv_budget": kv_budget}},
@@ -68,3 +69,29 @@ def test_edit_with_keyframes_and_aas(comfy, clip16):
 def test_a_sampler_schedule_that_does_not_match_the_inversion_is_refused(comfy, clip16):
     message = execution_error(comfy.run(edit_graph(clip16, sampler_steps=STEPS + 1)))
     assert message and "not in the inversion's schedule" in message and "Fix:" in message
+
+
+def test_long_clip_with_scene_cuts_propagates_end_to_end(comfy):
+    """120 frames, 3 scene cuts: Keyframe Selection -> Invert -> Keyframe Editing -> Latent Propagation ->
+    KSamplerAdvanced -> Decode + Save; frame count, order-preserving save and audio survive."""
+    name = "long120.mp4"
+    write_sample_video(str(comfy.input_dir / name), frames=120, width=112, height=64, fps=24, audio_seconds=5.0,
+                       scene_cuts=[30, 60, 90])
+    prompt = edit_graph(name, with_keyframes=True, kv_budget=20, steps=2, sampler_steps=2)  # 2 steps: CPU time
+    prompt["10"]["inputs"].update(max_clip_length=40, ensemble=1)
+    prompt["11"] = {"class_type": "LongEditAdaFlowLatentPropagation",
+                    "inputs": {"model": ["7", 0], "keyframes": ["10", 0]}}
+    prompt["8"]["inputs"]["model"] = ["11", 0]
+    entry = comfy.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    info = probe_video(saved_video(comfy, entry))
+    assert info.frame_count == 120 and float(info.fps) == 24 and info.audio is not None
+
+
+def test_propagation_without_keyframe_editing_says_what_is_missing(comfy, clip16):
+    prompt = edit_graph(clip16, with_keyframes=True)
+    prompt["11"] = {"class_type": "LongEditAdaFlowLatentPropagation",
+                    "inputs": {"model": ["1", 0], "keyframes": ["10", 0]}}
+    prompt["8"]["inputs"]["model"] = ["11", 0]
+    message = execution_error(comfy.run(prompt))
+    assert message and "needs AdaFlow Keyframe Editing" in message

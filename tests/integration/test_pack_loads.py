@@ -7,6 +7,7 @@ OUR_NODES = {
     "LongEditAdaFlowKeyframeSelection": "AdaFlow Keyframe Selection",
     "LongEditAdaFlowInvert": "AdaFlow Invert (DDIM)",
     "LongEditAdaFlowKeyframeEditing": "AdaFlow Keyframe Editing",
+    "LongEditAdaFlowLatentPropagation": "AdaFlow Latent Propagation",
     "LongEditIsaSparseAttention": "ISA Sparse Attention",
 }
 
