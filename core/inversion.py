@@ -81,11 +81,13 @@ def check_disk(folder: str, nbytes: int) -> None:
 @torch.no_grad()
 def ddim_invert(latents: torch.Tensor, sigmas: np.ndarray, eps: EpsFn, frames_per_chunk: int,
                 folder: str | None = None, source_context: torch.Tensor | None = None,
-                on_progress: Callable[[int], None] | None = None) -> Inversion:
+                on_progress: Callable[[int], None] | None = None,
+                device: torch.device | str | None = None) -> Inversion:
     """Invert clean sampler-space latents [N, c, h, w] along `sigmas` (descending, ending at 0).
 
     `eps(x, sigma)` returns the model's noise estimate. Frames are processed `frames_per_chunk` at a time
-    through all steps; `on_progress(done)` counts frame-steps.
+    through all steps, on `device` (the model's; default: where the latents are); `on_progress(done)`
+    counts frame-steps.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or np.any(np.diff(sigmas) >= 0):
@@ -97,11 +99,11 @@ def ddim_invert(latents: torch.Tensor, sigmas: np.ndarray, eps: EpsFn, frames_pe
     trajectory, path = new_trajectory(shape, folder)
     done = 0
     for i0 in range(0, latents.shape[0], frames_per_chunk):
-        x = latents[i0:i0 + frames_per_chunk].float()
+        x = latents[i0:i0 + frames_per_chunk].float().to(device or latents.device)
         trajectory[steps, i0:i0 + len(x)] = x.cpu().numpy()
         for i in range(steps, 0, -1):  # sigma_i -> sigma_{i-1}, upwards
             sigma_next = float(sigmas[i - 1])
-            x = x + (sigma_next - float(sigmas[i])) * eps(x, sigma_next).float()
+            x = x + (sigma_next - float(sigmas[i])) * eps(x, sigma_next).float().to(x.device)
             trajectory[i - 1, i0:i0 + len(x)] = x.cpu().numpy()
             done += len(x)
             if on_progress is not None:

@@ -1,6 +1,7 @@
 """AdaFlow Keyframe Editing: MODEL -> MODEL patch running AdaFlow's keyframe pass at every sampling step."""
 from __future__ import annotations
 
+import comfy.model_management as mm
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 from comfy_api.latest import io
@@ -8,6 +9,7 @@ from comfy_api.latest import io
 from ..core.adaflow_attention import adaflow_self_attention
 from ..core.adaflow_edit import FeatureInjection, KeyframeEditor
 from ..core.errors import LongEditError
+from ..core.memory import frames_per_chunk
 from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
 from .comfy_glue import check_sd_unet
@@ -103,6 +105,9 @@ def install_hooks(patched) -> None:
                                 "conditionings.", "remove the ControlNet/inpainting conditioning from this graph.")
         editor = editor_for(transformer_options[CONFIG_KEY]())
         branches = len(transformer_options.get("cond_or_uncond", [0]))
+        # Non-keyframes run in chunks sized from the free memory: each frame costs branches + source.
+        per_frame = patched.memory_required([branches + 1, *x.shape[1:]])
+        editor.chunk_frames = frames_per_chunk(mm.get_free_memory(x.device), per_frame, 1)
 
         def run(x_in, sigma, context, layout):
             options = dict(transformer_options)

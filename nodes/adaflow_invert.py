@@ -86,6 +86,6 @@ class AdaFlowInvert(io.ComfyNode):
 
         inversion = ddim_invert(base.process_latent_in(samples.float()), sigmas, make_eps(model, context), chunk,
                                 folder=os.path.join(scratch_dir(), f"inversion_{uuid.uuid4().hex[:12]}"),
-                                source_context=context, on_progress=on_progress)
+                                source_context=context, on_progress=on_progress, device=mm.get_torch_device())
         start = base.process_latent_out(inversion.latents_at(0))
         return io.NodeOutput({"samples": start}, inversion)
