@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import LongEditError
+from .run_plan import free_disk
 
 ON_DISK_BYTES = 256 * 2**20
 
@@ -69,8 +70,7 @@ def new_trajectory(shape: tuple[int, ...], folder: str | None) -> tuple[np.ndarr
 
 
 def check_disk(folder: str, nbytes: int) -> None:
-    os.makedirs(folder, exist_ok=True)
-    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    free = free_disk(folder)
     if nbytes > free * 0.95:
         raise LongEditError(
             f"The inversion trajectory needs {nbytes / 2**30:.1f} GiB in {folder}, where {free / 2**30:.1f} GiB "

@@ -1,6 +1,8 @@
 """AdaFlow Keyframe Editing: MODEL -> MODEL patch running AdaFlow's keyframe pass at every sampling step."""
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management as mm
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
@@ -10,6 +12,7 @@ from ..core.adaflow_attention import adaflow_self_attention
 from ..core.adaflow_edit import FeatureInjection, KeyframeEditor
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
+from ..core.run_plan import RunPlan
 from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
 from .comfy_glue import check_sd_unet
@@ -171,4 +174,22 @@ class AdaFlowKeyframeEditing(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, pnp_attn_t, pnp_f_t, kv_budget, keyframes=None) -> io.NodeOutput:
-        return io.NodeOutput(patch_model(model, inversion, keyframes, pnp_attn_t, pnp_f_t, kv_budget))
+        patched = patch_model(model, inversion, keyframes, pnp_attn_t, pnp_f_t, kv_budget)
+        summary = describe_edit(model, inversion, keyframes)
+        logging.info(summary)
+        return io.NodeOutput(patched, ui={"text": [summary]})
+
+
+def describe_edit(model, inversion, keyframes) -> str:
+    """The run's memory plan in words: frames, keyframes, chunking, expected GPU / RAM / disk."""
+    frames = inversion.frame_count
+    shape = tuple(inversion.trajectory.shape[2:])
+    keys = keyframes.clip_count if keyframes is not None else frames
+    tokens = sum(h * w for h, w in keyframes.levels) if keyframes is not None else 0
+    per_frame = model.memory_required([3, *shape])
+    chunk = frames_per_chunk(mm.get_free_memory(mm.get_torch_device()), per_frame, 1)
+    return RunPlan(frames=frames, latent_shape=shape, steps=inversion.steps,
+                   clips=keys if keyframes is not None else None,
+                   per_clip=keyframes.per_clip if keyframes is not None else 0, attention_tokens=tokens,
+                   chunk_frames=chunk if keyframes is not None else None,
+                   gpu_bytes=model.memory_required([3 * keys, *shape]) + model.model_size()).describe()

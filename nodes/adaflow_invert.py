@@ -1,6 +1,7 @@
 """AdaFlow Invert: DDIM inversion of the video latents, keeping the whole trajectory on disk."""
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -13,6 +14,7 @@ from comfy_api.latest import io
 from ..core.errors import LongEditError
 from ..core.inversion import ddim_invert
 from ..core.memory import frames_per_chunk
+from ..core.run_plan import RunPlan, check_resources
 from .comfy_glue import Progress, check_sd_unet, scratch_dir
 
 InversionType = io.Custom("LONGEDIT_INVERSION")
@@ -73,6 +75,10 @@ class AdaFlowInvert(io.ComfyNode):
             raise LongEditError(f"Expected one latent per frame [frames, c, h, w], got {tuple(samples.shape)}.",
                                 "connect the output of Encode Video (LongEdit).")
         base = model.model
+        folder = os.path.join(scratch_dir(), f"inversion_{uuid.uuid4().hex[:12]}")
+        plan = RunPlan(frames=samples.shape[0], latent_shape=tuple(samples.shape[1:]), steps=steps)
+        check_resources(plan, scratch_dir())  # refuse up front, with the numbers
+        logging.info(plan.describe())
         sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, scheduler, steps).cpu().double().numpy()
         context = source_prompt[0][0][:1].float()
         per_frame = model.memory_required([1, *samples.shape[1:]])
@@ -85,7 +91,7 @@ class AdaFlowInvert(io.ComfyNode):
             progress.update(done)
 
         inversion = ddim_invert(base.process_latent_in(samples.float()), sigmas, make_eps(model, context), chunk,
-                                folder=os.path.join(scratch_dir(), f"inversion_{uuid.uuid4().hex[:12]}"),
+                                folder=folder,
                                 source_context=context, on_progress=on_progress, device=mm.get_torch_device())
         start = base.process_latent_out(inversion.latents_at(0))
         return io.NodeOutput({"samples": start}, inversion)
