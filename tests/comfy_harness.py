@@ -96,6 +96,14 @@ class ComfyServer:
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
 
+def load_video_node(video: str, **overrides) -> dict:
+    """An API-format Load Video (LongEdit) node with every input at its default, except `overrides`."""
+    inputs = dict(video=video, start=0, start_unit="frame", frame_cap=0, every_nth=1, force_fps=0, width=0,
+                  height=0, resize_mode="crop", size_multiple="8", images="first frame only", image_frame_cap=256)
+    inputs.update(overrides)
+    return {"class_type": "LongEditLoadVideo", "inputs": inputs}
+
+
 def execution_error(entry: dict) -> str | None:
     for kind, data in entry.get("status", {}).get("messages", []):
         if kind == "execution_error":

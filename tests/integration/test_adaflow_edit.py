@@ -1,7 +1,7 @@
 """AdaFlow keyframe editing end to end in a real ComfyUI (random-weight SD2.1) through /prompt."""
 import pytest
 
-from comfy_harness import CKPT, execution_error
+from comfy_harness import CKPT, execution_error, load_video_node
 from longedit.core.sample_video import write_sample_video
 from longedit.core.video_source import probe_video
 
@@ -19,9 +19,7 @@ def edit_graph(clip: str, *, sampler_steps: int = STEPS, with_keyframes: bool = 
                steps: int = STEPS) -> dict:
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "2": {"class_type": "LongEditLoadVideo", "inputs": dict(
-            video=clip, start=0, start_unit="frame", frame_cap=0, every_nth=1, force_fps=0, width=0, height=0,
-            resize_mode="crop", size_multiple="8", images="first frame only", image_frame_cap=256)},
+        "2": load_video_node(clip),
         "3": {"class_type": "LongEditEncodeVideo", "inputs": {"video": ["2", 0], "vae": ["1", 2]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a watercolor painting", "clip": ["1", 1]}},

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_harness import CKPT, execution_error
+from comfy_harness import CKPT, execution_error, load_video_node as load_node
 from longedit.core.sample_video import write_sample_video
 from longedit.core.video_source import probe_video, read_audio, read_frames, select_frames, Selection
 
@@ -13,13 +13,6 @@ FPS = 24
 AAC_FRAME = 1024 / 44100  # audio is copied packet by packet: trims are exact to one AAC frame
 INTERRUPT_FRAMES = 3000  # long enough that encoding takes far longer than INTERRUPT_AFTER_S on a CPU
 INTERRUPT_AFTER_S = 3.0
-
-
-def load_node(video: str, **overrides) -> dict:
-    inputs = dict(video=video, start=0, start_unit="frame", frame_cap=0, every_nth=1, force_fps=0, width=0,
-                  height=0, resize_mode="crop", size_multiple="8", images="first frame only", image_frame_cap=256)
-    inputs.update(overrides)
-    return {"class_type": "LongEditLoadVideo", "inputs": inputs}
 
 
 def save_inputs(**overrides) -> dict:
