@@ -84,16 +84,13 @@ def spread_candidates(start: int, stop: int, count: int) -> np.ndarray:
     return start + (np.arange(count) * 2 + 1) * length // (2 * count)
 
 
-class _Array:
-    """A numpy array, memory-mapped in `folder` when larger than ON_DISK_BYTES."""
-
-    @staticmethod
-    def make(shape: tuple[int, ...], dtype, folder: str | None, name: str) -> np.ndarray:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if folder is None or nbytes <= ON_DISK_BYTES:
-            return np.zeros(shape, dtype=dtype)
-        os.makedirs(folder, exist_ok=True)
-        return np.lib.format.open_memmap(os.path.join(folder, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape)
+def new_array(shape: tuple[int, ...], dtype, folder: str | None, name: str) -> np.ndarray:
+    """A zeroed numpy array, memory-mapped as `folder`/`name`.npy when larger than ON_DISK_BYTES."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if folder is None or nbytes <= ON_DISK_BYTES:
+        return np.zeros(shape, dtype=dtype)
+    os.makedirs(folder, exist_ok=True)
+    return np.lib.format.open_memmap(os.path.join(folder, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape)
 
 
 @dataclass
@@ -232,7 +229,7 @@ def select_keyframes(feature_chunks: Iterable[torch.Tensor], latents: torch.Tens
         raise LongEditError("There are no frames to select keyframes from.", "check the video selection.")
     levels = attention_levels(*latents.shape[-2:])
     per_clip = params.candidates_per_clip
-    matches = [_Array.make((frames, per_clip, h * w), np.int32, folder, f"matches_{h}x{w}") for h, w in levels]
+    matches = [new_array((frames, per_clip, h * w), np.int32, folder, f"matches_{h}x{w}") for h, w in levels]
     builder = _ClipBuilder({"matches": matches}, levels, params, device)
     seen = 0
     for chunk in feature_chunks:
@@ -262,7 +259,7 @@ def select_keyframes(feature_chunks: Iterable[torch.Tensor], latents: torch.Tens
                             "this is a bug in the feature extractor; please report it.")
     builder.close()
     count = len(builder.aas_tokens)
-    scores = _Array.make((count, count, builder.aas_tokens[0].shape[0]), np.float16, folder, "aas_scores")
+    scores = new_array((count, count, builder.aas_tokens[0].shape[0]), np.float16, folder, "aas_scores")
     _aas_scores(builder.aas_tokens, scores, device)
     return KeyframePlan(
         frame_count=frames, latent_size=tuple(latents.shape[-2:]), levels=levels,
