@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 from ..kernels import HAVE_TRITON, isa_attention
-from ..kernels.isa_reference import isa_attention_reference, plan_isa
 from .errors import LongEditError
 
 CONTEXT_LAYOUTS = ("none", "second half", "last N latent frames")
@@ -105,12 +104,9 @@ class IsaAttention:
         ctx_start, ctx_end = context_range(q.shape[2], self.settings, self.tokens_per_frame)
         s = self.settings
         options = dict(block_size=s.block_size, alpha_s=s.alpha_s, alpha_f=s.alpha_f, alpha_ns=s.alpha_ns)
-        if s.backend == "torch" or (s.backend == "triton" and not q.is_cuda):
-            if s.backend == "triton":
-                raise LongEditError("The 'triton' backend needs a CUDA device.", "choose backend 'auto' or 'torch'.")
-            out = isa_attention_reference(q, k, v, plan_isa(q, k, v, ctx_start, ctx_end, **options))
-        else:
-            out = isa_attention(q, k, v, ctx_start, ctx_end, **options)
+        if s.backend == "triton" and not q.is_cuda:
+            raise LongEditError("The 'triton' backend needs a CUDA device.", "choose backend 'auto' or 'torch'.")
+        out = isa_attention(q, k, v, ctx_start, ctx_end, backend=s.backend, **options)
         if skip_output_reshape:
             return out
         b, h, n, d = out.shape

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .aas_reference import subset_attention_reference
-from .isa_reference import isa_attention_reference, plan_isa
+from .isa_reference import plan_isa
 from .nearest_reference import nearest_reference
 
 try:  # Triton is optional at runtime (CPU and Mac users have none)
@@ -55,13 +55,17 @@ def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
 
 def isa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
                   block_size: int = 64, alpha_s: float = 0.125, alpha_f: float = 0.5,
-                  alpha_ns: float = 0.0625) -> torch.Tensor:
+                  alpha_ns: float = 0.0625, backend: str = "auto") -> torch.Tensor:
     """ISA sparse attention; q, k, v [B, H, N, d] -> [B, H, N, d] in q's dtype; context is tokens
-    [ctx_start, ctx_end). The block selection is planned in torch; the attention runs in Triton on CUDA."""
+    [ctx_start, ctx_end). The block selection is planned in torch. backend 'auto': sharp query blocks by
+    dense SDPA over gathered tokens, Taylor blocks in Triton on CUDA (torch elsewhere); 'triton': everything
+    in the Triton kernel; 'torch': no Triton at all."""
+    from .isa_split import isa_attention_split
+
     plan = plan_isa(q, k, v, ctx_start, ctx_end, block_size=block_size, alpha_s=alpha_s, alpha_f=alpha_f,
                     alpha_ns=alpha_ns)
-    if use_triton(q):
+    if backend == "triton":
         from .isa import isa_attention_triton
 
         return isa_attention_triton(q, k, v, plan)
-    return isa_attention_reference(q, k, v, plan)
+    return isa_attention_split(q, k, v, plan, taylor="torch" if backend == "torch" else "auto")

@@ -12,21 +12,26 @@ The token axis holds "source" tokens and one contiguous range [ctx_start, ctx_en
    the plain tiling of the token axis.
 2. Pooling. q̄, k̄, v̄ [B, H, nb, d]: the mean of each block's tokens (true count for partial blocks).
 3. Coarse scores. S̄ = q̄ k̄ᵀ / sqrt(d), [B, H, nb, nb].
-4. Context pre-selection. Source KV blocks are always kept. Of the context KV blocks, the top
-   ceil(alpha_s * n_ctx_blocks) by saliency, the mean of S̄[i, j] over the source query blocks i, are kept
-   (over all query blocks if there are none). The kept set is per (batch, head); its size is not.
+4. Context pre-selection. Source KV blocks are always kept. Of the context KV blocks, ceil(alpha_s *
+   n_ctx_blocks) are kept: the most salient by the mean of S̄[i, j] over the source query blocks i (over all
+   query blocks if there are none), except that the context segment's partial tail block (fewer than
+   `block_size` tokens; there is at most one) is always among them when any are kept. That way every head
+   keeps the same number of tokens, which lets the exact path run as one dense attention call over gathered
+   tokens (`isa_split.py`); the tail is one block of fewer than b tokens. The kept set is per (batch, head).
 5. Query sharpness. For each query block i, p = softmax_j(S̄[i, j] + ln b_j) over the kept blocks j
    (b_j = tokens in block j: the pooled estimate of block j's attention mass, as in step 6), and
    sharpness_i = Var(p) = (1/n) * sum_j (p_j - 1/n)^2 with n = number of kept blocks. The top
-   ceil(alpha_f * nb) query blocks by sharpness take exact attention over every token of the kept blocks.
-6. 0-th order Taylor path for the other query blocks. Each query token attends exactly to the tokens of
-   that block's top max(1, ceil(alpha_ns * n)) kept blocks (ranked by S̄[i, j]) and, for every other kept
-   block j, to one pseudo-token with logit q·k̄_j / sqrt(d) + ln b_j and value v̄_j; one softmax runs over
-   all of them. (exp(q·k̄_j/√d + ln b_j) = b_j exp(q·k̄_j/√d) is the 0-th order Taylor expansion of the block's
-   sum of exp(q·k_t/√d) around its mean key.)
+   ceil(alpha_f * nb) query blocks by sharpness ("sharp" blocks) take exact attention over every token
+   of the kept blocks.
+6. 0-th order Taylor path for the other ("Taylor") query blocks. Each query token attends exactly to the
+   tokens of that block's top max(1, ceil(alpha_ns * n)) kept blocks (ranked by S̄[i, j]; its "near"
+   blocks) and, for every other kept block j, to one pseudo-token with logit q·k̄_j / sqrt(d) + ln b_j and
+   value v̄_j; one softmax runs over all of them. (exp(q·k̄_j/√d + ln b_j) = b_j exp(q·k̄_j/√d) is the 0-th
+   order Taylor expansion of the block's sum of exp(q·k_t/√d) around its mean key.)
 
-Rankings are stable descending sorts (ties go to the lower block index), so a larger ratio always
-selects a superset. Counts use ceil(ratio * n) with a 1e-9 guard against float noise (0.1 * 30 is 3).
+Saliency and sharpness rankings are stable descending sorts (ties go to the lower block index), so a
+larger ratio always selects a superset; near blocks are a top-k by coarse score (exact ties may go either
+way). Counts use ceil(ratio * n) with a 1e-9 guard against float noise (0.1 * 30 is 3).
 """
 from __future__ import annotations
 
@@ -63,15 +68,17 @@ class BlockLayout:
 
 @dataclass(frozen=True)
 class IsaPlan:
-    """Everything ISA decides before attention; both the reference and the Triton kernel run from it.
+    """Everything ISA decides before attention; every attention path (reference, torch, Triton) runs from it.
 
     layout: the blocks.
     pooled_k, pooled_v: float32 [B, H, nb, d], block means k̄ and v̄ (the Taylor pseudo-tokens).
     kept_blocks: int64 [B, H, n_kept], KV blocks that survive context pre-selection, ascending.
-    exact_query: bool [B, H, nb], query blocks that take exact attention over all kept blocks.
-    kv_order: int32 [B, H, nb, n_kept], for each query block its kept KV blocks, best coarse score first.
-    exact_count: int32 [B, H, nb], how many leading entries of kv_order the query block attends to token by
-        token (n_kept for exact blocks, n_near for Taylor blocks); the rest are pooled pseudo-tokens.
+    exact_query: bool [B, H, nb], the sharp query blocks (exact attention over every kept block).
+    sharp_blocks: int64 [B, H, n_sharp], the sharp query blocks, ascending.
+    taylor_blocks: int64 [B, H, n_taylor], the other query blocks, ascending.
+    near_slots: int64 [B, H, n_taylor, n_near], for each Taylor query block the positions in kept_blocks of
+        the blocks it attends to token by token, best coarse score first; the other kept blocks reach it
+        as pooled pseudo-tokens.
     """
 
     layout: BlockLayout
@@ -79,12 +86,17 @@ class IsaPlan:
     pooled_v: torch.Tensor
     kept_blocks: torch.Tensor
     exact_query: torch.Tensor
-    kv_order: torch.Tensor
-    exact_count: torch.Tensor
+    sharp_blocks: torch.Tensor
+    taylor_blocks: torch.Tensor
+    near_slots: torch.Tensor
 
     @property
     def n_kept(self) -> int:
         return self.kept_blocks.shape[-1]
+
+    @property
+    def n_near(self) -> int:
+        return self.near_slots.shape[-1]
 
 
 def count_for_ratio(ratio: float, n: int) -> int:
@@ -136,12 +148,14 @@ def coarse_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> torch.Tenso
     return pooled_q.float() @ pooled_k.float().transpose(-1, -2) / math.sqrt(pooled_q.shape[-1])
 
 
-def select_kv_blocks(scores: torch.Tensor, is_context: torch.Tensor, alpha_s: float) -> torch.Tensor:
+def select_kv_blocks(scores: torch.Tensor, layout: BlockLayout, alpha_s: float) -> torch.Tensor:
     """Context pre-selection: int64 [B, H, n_kept] kept KV blocks, ascending.
 
-    Every source block is kept; a context block is kept when its saliency (mean coarse score over the
-    source query blocks) is among the top ceil(alpha_s * n_ctx_blocks). At least one block is kept."""
+    Every source block is kept; ceil(alpha_s * n_ctx_blocks) context blocks are kept: the partial context
+    tail block, if there is one, and the most salient of the others (saliency: mean coarse score over the
+    source query blocks). At least one block is kept."""
     batch, heads = scores.shape[:2]
+    is_context = layout.is_context
     ctx_blocks = is_context.nonzero().flatten()
     src_blocks = (~is_context).nonzero().flatten()
     n_keep_ctx = count_for_ratio(alpha_s, ctx_blocks.numel())
@@ -149,10 +163,15 @@ def select_kv_blocks(scores: torch.Tensor, is_context: torch.Tensor, alpha_s: fl
         n_keep_ctx = max(1, n_keep_ctx)
     kept = [src_blocks.expand(batch, heads, -1)]
     if n_keep_ctx:
-        query_rows = src_blocks if src_blocks.numel() else torch.arange(is_context.numel(), device=scores.device)
-        saliency = scores[:, :, query_rows][:, :, :, ctx_blocks].mean(dim=2)  # [B, H, n_ctx]
-        best = saliency.argsort(dim=-1, descending=True, stable=True)[..., :n_keep_ctx]
-        kept.append(ctx_blocks[best])
+        tail = ctx_blocks[-1:] if int(layout.count[ctx_blocks[-1]]) < layout.block_size else ctx_blocks[:0]
+        if tail.numel():  # always kept, so that every head keeps the same number of tokens
+            kept.append(tail.expand(batch, heads, -1))
+            ctx_blocks, n_keep_ctx = ctx_blocks[:-1], n_keep_ctx - 1
+        if n_keep_ctx:
+            query_rows = src_blocks if src_blocks.numel() else torch.arange(is_context.numel(), device=scores.device)
+            saliency = scores[:, :, query_rows][:, :, :, ctx_blocks].mean(dim=2)  # [B, H, n_ctx]
+            best = saliency.argsort(dim=-1, descending=True, stable=True)[..., :n_keep_ctx]
+            kept.append(ctx_blocks[best])
     return torch.cat(kept, dim=-1).sort(dim=-1).values
 
 
@@ -162,14 +181,15 @@ def gather_kept(per_block: torch.Tensor, kept_blocks: torch.Tensor) -> torch.Ten
     return per_block.gather(-1, index)
 
 
-def query_sharpness(scores: torch.Tensor, kept_blocks: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:
+def query_sharpness(kept_scores: torch.Tensor, kept_log_counts: torch.Tensor) -> torch.Tensor:
     """Var(p) for p = softmax over kept blocks j of S̄[i, j] + ln b_j: float32 [B, H, nb_q].
 
-    Var(p) = (1/n) * sum_j (p_j - 1/n)^2 (the mean of p is exactly 1/n). High variance means a peaked
-    block distribution, which the 0-th order Taylor path approximates worst, so those blocks go exact."""
-    kept_logits = gather_kept(scores, kept_blocks) + log_counts[kept_blocks].unsqueeze(2)
-    p = kept_logits.softmax(dim=-1)
-    return (p - 1.0 / p.shape[-1]).square().mean(dim=-1)
+    kept_scores [B, H, nb_q, n_kept] are the coarse scores of the kept blocks, kept_log_counts [B, H, n_kept]
+    their ln b_j. Var(p) = (1/n) * sum_j (p_j - 1/n)^2 (the mean of p is exactly 1/n). High variance means
+    a peaked block distribution, which the 0-th order Taylor path approximates worst, so those blocks go
+    exact."""
+    p = (kept_scores + kept_log_counts.unsqueeze(2)).softmax(dim=-1)
+    return p.sub_(1.0 / p.shape[-1]).square_().mean(dim=-1)
 
 
 def select_exact_queries(sharpness: torch.Tensor, alpha_f: float) -> torch.Tensor:
@@ -179,16 +199,27 @@ def select_exact_queries(sharpness: torch.Tensor, alpha_f: float) -> torch.Tenso
     return torch.zeros_like(sharpness, dtype=torch.bool).scatter_(-1, best, True)
 
 
-def order_kept_blocks(scores: torch.Tensor, kept_blocks: torch.Tensor) -> torch.Tensor:
-    """int64 [B, H, nb_q, n_kept]: each query block's kept KV blocks, highest coarse score first."""
-    rank = gather_kept(scores, kept_blocks).argsort(dim=-1, descending=True, stable=True)
-    return kept_blocks.unsqueeze(2).expand(-1, -1, scores.shape[2], -1).gather(-1, rank)
+def split_queries(exact_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sharp, taylor) int64 [B, H, n] ascending block ids; each (batch, head) has the same counts."""
+    batch, heads, nb = exact_query.shape
+    n_sharp = int(exact_query[0, 0].sum()) if exact_query.numel() else 0
+    if exact_query.numel() and not (exact_query.sum(-1) == n_sharp).all():
+        raise ValueError("ISA: every (batch, head) must route the same number of query blocks to exact attention")
+    ids = torch.arange(nb, device=exact_query.device).expand(batch, heads, nb)
+    # a stable sort on the flag puts sharp blocks first, each group in ascending block order
+    order = (~exact_query).to(torch.uint8).argsort(dim=-1, stable=True)
+    ordered = ids.gather(-1, order)
+    return ordered[..., :n_sharp], ordered[..., n_sharp:]
 
 
 def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
              block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
-             alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS) -> IsaPlan:
-    """Everything before attention (steps 1-5 and the block ranking of step 6), computed once in torch."""
+             alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS,
+             exact_query: torch.Tensor | None = None) -> IsaPlan:
+    """Everything before attention (steps 1-5 and the near blocks of step 6), computed once in torch.
+
+    exact_query (bool [B, H, nb], optional) overrides the sharpness routing; tests use it to compare
+    routings on one input."""
     check_qkv(q, k, v)
     for name, ratio in (("alpha_s", alpha_s), ("alpha_f", alpha_f), ("alpha_ns", alpha_ns)):
         if not 0.0 <= ratio <= 1.0:
@@ -196,15 +227,17 @@ def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, 
     layout = block_layout(q.shape[2], ctx_start, ctx_end, block_size, device=q.device)
     pooled_q, pooled_k, pooled_v = (pool_blocks(x, layout) for x in (q, k, v))
     scores = coarse_scores(pooled_q, pooled_k)
-    kept = select_kv_blocks(scores, layout.is_context, alpha_s)
-    sharpness = query_sharpness(scores, kept, layout.count.float().log())
-    exact_query = select_exact_queries(sharpness, alpha_f)
+    kept = select_kv_blocks(scores, layout, alpha_s)
+    kept_scores = gather_kept(scores, kept)  # [B, H, nb, n_kept]
+    if exact_query is None:
+        exact_query = select_exact_queries(query_sharpness(kept_scores, layout.count.float().log()[kept]), alpha_f)
+    sharp, taylor = split_queries(exact_query)
     n_kept = kept.shape[-1]
     n_near = min(n_kept, max(1, count_for_ratio(alpha_ns, n_kept)))
-    exact_count = torch.where(exact_query, n_kept, n_near).to(torch.int32)
+    taylor_scores = kept_scores.gather(2, taylor.unsqueeze(-1).expand(-1, -1, -1, n_kept))
     return IsaPlan(layout=layout, pooled_k=pooled_k, pooled_v=pooled_v, kept_blocks=kept,
-                   exact_query=exact_query, kv_order=order_kept_blocks(scores, kept).to(torch.int32),
-                   exact_count=exact_count)
+                   exact_query=exact_query, sharp_blocks=sharp, taylor_blocks=taylor,
+                   near_slots=taylor_scores.topk(n_near, dim=-1).indices)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -233,13 +266,24 @@ def attend_block(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pooled_
     return logits.softmax(dim=-1) @ values
 
 
+def block_routes(plan: IsaPlan, b: int, h: int):
+    """(query block, exact KV blocks, pooled KV blocks) for every query block of (batch b, head h), in the
+    order the kernels visit them: near blocks best first, pooled blocks ascending."""
+    kept = plan.kept_blocks[b, h].tolist()
+    for i in plan.sharp_blocks[b, h].tolist():
+        yield i, kept, []
+    for i, slots in zip(plan.taylor_blocks[b, h].tolist(), plan.near_slots[b, h].tolist()):
+        near = set(slots)
+        yield i, [kept[s] for s in slots], [kept[s] for s in range(len(kept)) if s not in near]
+
+
 def isa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan) -> torch.Tensor:
     """ISA attention of q, k, v [B, H, N, d] under `plan`, in float32, returned in q's dtype.
 
-    Query block i attends token by token to the first exact_count[i] blocks of kv_order[i] and through
-    pooled pseudo-tokens to the rest (none for an exact query block). Loops over (batch, head, query
-    block): memory is O(block_size * N) at a time, but it is slow; it is the definition the Triton kernel
-    is checked against, not a production path for long sequences."""
+    A sharp query block attends token by token to every kept block; a Taylor block to its near blocks, and
+    through pooled pseudo-tokens to the other kept blocks. Loops over (batch, head, query block): memory is
+    O(block_size * N) at a time, but it is slow; it is the definition the other paths are checked against,
+    not a production path for long sequences."""
     check_qkv(q, k, v)
     batch, heads = q.shape[:2]
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -247,11 +291,10 @@ def isa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     for b in range(batch):
         for h in range(heads):
             qf, kf, vf = q[b, h].float(), k[b, h].float(), v[b, h].float()
-            orders, exact_counts = plan.kv_order[b, h].tolist(), plan.exact_count[b, h].tolist()
-            for i, (s, c) in enumerate(zip(starts, counts)):
-                order, n_exact = orders[i], exact_counts[i]
+            for i, exact_blocks, pooled_blocks in block_routes(plan, b, h):
+                s, c = starts[i], counts[i]
                 out[b, h, s:s + c] = attend_block(qf[s:s + c], kf, vf, plan.pooled_k[b, h], plan.pooled_v[b, h],
-                                                  order[:n_exact], order[n_exact:], starts, counts)
+                                                  exact_blocks, pooled_blocks, starts, counts)
     return out.to(q.dtype)
 
 
