@@ -41,6 +41,9 @@ class KeyframeEditor:
         self.kv_budget = kv_budget
         self.chunk_frames = chunk_frames
         self.propagate = propagate
+        # called with (frames done, frames) after the keyframe pass and after each chunk: the host checks
+        # for Cancel there (a step over 10,000 frames takes minutes) and moves its progress bar
+        self.on_progress: Callable[[int, int], None] | None = None
         self._selection_cache: tuple[int, dict] | None = None
 
     def keyframes(self, step: int) -> np.ndarray:
@@ -73,13 +76,19 @@ class KeyframeEditor:
         keyframes = self.keyframes(step)
         recorded = {} if self.propagate else None
         self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out, record=recorded)
+        self.report(len(keyframes), frames)
         others = np.setdiff1d(np.arange(frames), keyframes)
         for i0 in range(0, len(others), self.chunk_frames):
             chunk = others[i0:i0 + self.chunk_frames]
             propagation = self.propagation(recorded, chunk, step, x.device) if self.propagate else None
             self._pass(run, x, sigma, context, branches, chunk, step, extended=False, out=out,
                        propagate=propagation)
+            self.report(len(keyframes) + i0 + len(chunk), frames)
         return out
+
+    def report(self, done: int, frames: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(done, frames)
 
     def propagation(self, recorded: dict, frames_idx: np.ndarray, step: int, device) -> Propagation:
         """Gather indices of a chunk of non-keyframes into the keyframe pass's outputs, at every level.

@@ -15,6 +15,7 @@ import torch
 
 from ..kernels import HAVE_TRITON, isa_attention
 from .errors import LongEditError
+from .schedule import step_index
 
 CONTEXT_LAYOUTS = ("none", "second half", "last N latent frames")
 BACKENDS = ("auto", "triton", "torch")
@@ -112,11 +113,3 @@ class IsaAttention:
         b, h, n, d = out.shape
         return out.transpose(1, 2).reshape(b, n, h * d)
 
-
-def step_index(transformer_options: dict | None) -> int:
-    """Sampling step of the current call, from the sampler's schedule (0 when unknown)."""
-    if not transformer_options or "sample_sigmas" not in transformer_options or "sigmas" not in transformer_options:
-        return 0
-    schedule = transformer_options["sample_sigmas"]
-    sigma = transformer_options["sigmas"].flatten()[0]
-    return int(torch.argmin((schedule.to(sigma.device) - sigma).abs()))

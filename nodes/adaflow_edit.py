@@ -13,9 +13,10 @@ from ..core.adaflow_edit import FeatureInjection, KeyframeEditor
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
 from ..core.run_plan import RunPlan
+from ..core.schedule import step_index
 from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
-from .comfy_glue import check_sd_unet
+from .comfy_glue import Progress, check_sd_unet
 
 WRAPPER_KEY = "longedit_adaflow"
 PNP_ATTENTION_FROM_OUTPUT_BLOCK = 4  # TokenFlow/PnP: decoder self-attention from up_blocks[1].attentions[1] on
@@ -111,6 +112,7 @@ def install_hooks(patched) -> None:
         # Non-keyframes run in chunks sized from the free memory: each frame costs branches + source.
         per_frame = patched.memory_required([branches + 1, *x.shape[1:]])
         editor.chunk_frames = frames_per_chunk(mm.get_free_memory(x.device), per_frame, 1)
+        editor.on_progress = frame_progress(transformer_options)
 
         def run(x_in, sigma, context, layout):
             options = dict(transformer_options)
@@ -130,6 +132,23 @@ def install_hooks(patched) -> None:
     original = patched.get_model_object(PNP_FEATURE_MODULE)
     patched.add_object_patch(PNP_FEATURE_MODULE, FeatureInjection(original, lambda: current["layout"]))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+
+
+def frame_progress(transformer_options: dict):
+    """Between chunks of a step: stop if Cancel was pressed, and move a bar over steps x frames, which shows
+    the same fraction as the sampler's own step bar at each step's end."""
+    schedule = transformer_options.get("sample_sigmas")
+    steps = max(1, len(schedule) - 1) if schedule is not None else 1
+    step = min(step_index(transformer_options), steps - 1)
+    progress = None
+
+    def report(done: int, frames: int) -> None:
+        nonlocal progress
+        progress = progress or Progress(steps * frames)
+        progress.check()
+        progress.update(step * frames + done)
+
+    return report
 
 
 def patch_model(model, inversion, keyframes, pnp_attn_t: float, pnp_f_t: float, kv_budget: int):

@@ -79,6 +79,31 @@ outs = [comfy.sample.sample(m, torch.zeros_like(start), steps, 5.0, "ddim", "ddi
                             denoise=1.0, disable_noise=True, seed=0) for m in (a, b)]
 assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
 
+# Cancel during a step stops after the current chunk: the keyframe pass runs, the other frames do not.
+import comfy.model_management as mm
+import longedit_pack.nodes.adaflow_edit as edit_node
+from longedit_pack.core.adaflow_edit import KeyframeEditor
+plan = select_keyframes([torch.randn(1, 8, 8, 14).expand(3, -1, -1, -1).contiguous()], latents)  # one scene
+assert plan.clip_count == 1, plan.clip_count
+passes = []
+original_pass = KeyframeEditor._pass
+KeyframeEditor._pass = lambda self, *a, **k: (passes.append(a[5].tolist()), original_pass(self, *a, **k))[1]
+edit_node.frames_per_chunk = lambda *a: 1  # one frame per chunk
+cancellable = propagate_from_keyframes(patch_model(model, inversion, plan, 1.0, 1.0, 20), plan)
+comfy.sample.sample(cancellable, torch.zeros_like(start), steps, 5.0, "ddim", "ddim_uniform", prompt, empty, start,
+                    denoise=1.0, disable_noise=True, seed=0)
+assert len(passes) == steps * 3, passes  # per step: the keyframe, then two chunks of one frame
+passes.clear()
+mm.interrupt_current_processing(True)
+try:
+    comfy.sample.sample(cancellable, torch.zeros_like(start), steps, 5.0, "ddim", "ddim_uniform", prompt, empty,
+                        start, denoise=1.0, disable_noise=True, seed=0)
+    raise AssertionError("Cancel was ignored")
+except mm.InterruptProcessingException:
+    pass
+assert len(passes) == 1, passes  # stopped right after the keyframe pass of the first step
+KeyframeEditor._pass = original_pass
+
 # Other model families are refused with a message naming what is supported.
 import types, comfy.supported_models
 sdxl = types.SimpleNamespace(model=types.SimpleNamespace(model_config=comfy.supported_models.SDXL({})))

@@ -99,3 +99,39 @@ def test_frame_order_and_count_survive_and_keyframes_are_edited_jointly():
 def test_propagation_needs_a_plan():
     with pytest.raises(LongEditError, match="keyframe plan"):
         KeyframeEditor(make_inversion(), None, 0.0, 0.0, 20, propagate=True)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_progress_is_reported_per_chunk_and_cancel_stops_within_one_chunk():
+    """The host's progress callback runs after the keyframe pass and after each chunk of other frames; a
+    Cancel raised there ends the step before the next chunk runs."""
+    plan = make_plan(identity_matches())
+    editor = KeyframeEditor(make_inversion(), plan, 0.0, 0.0, kv_budget=20, chunk_frames=3, propagate=True)
+    x = torch.randn(2 * FRAMES, 4, H, W)
+    sigma, context = torch.full((2 * FRAMES,), 1.0), torch.zeros(2 * FRAMES, 1, 1)
+    runs, reports = [], []
+
+    def counting_model(x_in, sigma, context, layout):
+        runs.append(x_in.shape[0])
+        return toy_model(x_in, sigma, context, layout)
+
+    editor.on_progress = lambda done, frames: reports.append((done, frames))
+    editor(counting_model, x, sigma, context, 2)
+    n_key = len(plan.keyframes(1))
+    chunks = -(-(FRAMES - n_key) // 3)
+    assert len(runs) == 1 + chunks
+    assert [d for d, _ in reports] == [n_key] + [min(FRAMES, n_key + 3 * (i + 1)) for i in range(chunks)]
+    assert reports[-1] == (FRAMES, FRAMES)
+
+    def cancel_after_first_chunk(done, frames):
+        if done > n_key:
+            raise Cancelled()
+
+    runs.clear()
+    editor.on_progress = cancel_after_first_chunk
+    with pytest.raises(Cancelled):
+        editor(counting_model, x, sigma, context, 2)
+    assert len(runs) == 2  # the keyframe pass and one chunk, not the remaining chunks
