@@ -35,6 +35,7 @@ way). Counts use ceil(ratio * n) with a 1e-9 guard against float noise (0.1 * 30
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,8 @@ class BlockLayout:
     start, count: int64 [nb], first token and number of tokens of each block (1 <= count <= block_size).
     is_context: bool [nb], whether the block lies in [ctx_start, ctx_end).
     segments: ((start, end, is_context), ...), the non-empty segments the blocks tile, in token order.
+    context_blocks: (first, end), the range of context block ids (empty when there is no context).
+    context_tail_partial: whether the last context block holds fewer than block_size tokens.
     """
 
     block_size: int
@@ -60,6 +63,8 @@ class BlockLayout:
     count: torch.Tensor
     is_context: torch.Tensor
     segments: tuple[tuple[int, int, bool], ...]
+    context_blocks: tuple[int, int] = (0, 0)
+    context_tail_partial: bool = False
 
     @property
     def n_blocks(self) -> int:
@@ -106,7 +111,13 @@ def count_for_ratio(ratio: float, n: int) -> int:
 
 def block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int = DEFAULT_BLOCK_SIZE,
                  device: torch.device | str | None = None) -> BlockLayout:
-    """Tile the source and context segments separately, so that no block mixes source and context tokens."""
+    """Tile the source and context segments separately, so that no block mixes source and context tokens.
+    Cached: a DiT asks for the same layout in every layer of every step."""
+    return _block_layout(n_tokens, ctx_start, ctx_end, block_size, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=16)
+def _block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int, device: torch.device) -> BlockLayout:
     if not 0 <= ctx_start <= ctx_end <= n_tokens:
         raise ValueError(f"ISA: context range [{ctx_start}, {ctx_end}) does not fit in {n_tokens} tokens")
     if block_size < 1:
@@ -119,11 +130,14 @@ def block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int = 
             starts.append(s)
             counts.append(min(block_size, seg_end - s))
             flags.append(is_ctx)
+    context = [i for i, flag in enumerate(flags) if flag]
+    context_blocks = (context[0], context[-1] + 1) if context else (0, 0)
     return BlockLayout(block_size=block_size,
                        start=torch.tensor(starts, dtype=torch.int64, device=device),
                        count=torch.tensor(counts, dtype=torch.int64, device=device),
                        is_context=torch.tensor(flags, dtype=torch.bool, device=device),
-                       segments=segments)
+                       segments=segments, context_blocks=context_blocks,
+                       context_tail_partial=bool(context) and counts[context[-1]] < block_size)
 
 
 def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -154,21 +168,21 @@ def select_kv_blocks(scores: torch.Tensor, layout: BlockLayout, alpha_s: float) 
     Every source block is kept; ceil(alpha_s * n_ctx_blocks) context blocks are kept: the partial context
     tail block, if there is one, and the most salient of the others (saliency: mean coarse score over the
     source query blocks). At least one block is kept."""
-    batch, heads = scores.shape[:2]
-    is_context = layout.is_context
-    ctx_blocks = is_context.nonzero().flatten()
-    src_blocks = (~is_context).nonzero().flatten()
-    n_keep_ctx = count_for_ratio(alpha_s, ctx_blocks.numel())
+    batch, heads, nb = scores.shape[:3]
+    first, end = layout.context_blocks  # host-side ranges: no device round trip
+    device = scores.device
+    ctx_blocks = torch.arange(first, end, device=device)
+    src_blocks = torch.cat([torch.arange(first, device=device), torch.arange(end, nb, device=device)])
+    n_keep_ctx = count_for_ratio(alpha_s, end - first)
     if src_blocks.numel() == 0:
         n_keep_ctx = max(1, n_keep_ctx)
     kept = [src_blocks.expand(batch, heads, -1)]
     if n_keep_ctx:
-        tail = ctx_blocks[-1:] if int(layout.count[ctx_blocks[-1]]) < layout.block_size else ctx_blocks[:0]
-        if tail.numel():  # always kept, so that every head keeps the same number of tokens
-            kept.append(tail.expand(batch, heads, -1))
+        if layout.context_tail_partial:  # always kept, so that every head keeps the same number of tokens
+            kept.append(ctx_blocks[-1:].expand(batch, heads, -1))
             ctx_blocks, n_keep_ctx = ctx_blocks[:-1], n_keep_ctx - 1
         if n_keep_ctx:
-            query_rows = src_blocks if src_blocks.numel() else torch.arange(is_context.numel(), device=scores.device)
+            query_rows = src_blocks if src_blocks.numel() else torch.arange(nb, device=device)
             saliency = scores[:, :, query_rows][:, :, :, ctx_blocks].mean(dim=2)  # [B, H, n_ctx]
             best = saliency.argsort(dim=-1, descending=True, stable=True)[..., :n_keep_ctx]
             kept.append(ctx_blocks[best])
@@ -199,12 +213,15 @@ def select_exact_queries(sharpness: torch.Tensor, alpha_f: float) -> torch.Tenso
     return torch.zeros_like(sharpness, dtype=torch.bool).scatter_(-1, best, True)
 
 
-def split_queries(exact_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sharp, taylor) int64 [B, H, n] ascending block ids; each (batch, head) has the same counts."""
+def split_queries(exact_query: torch.Tensor, n_sharp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sharp, taylor) int64 [B, H, n] ascending block ids; each (batch, head) must have the same counts
+    (checked unless the caller passes n_sharp, which it knows by construction)."""
     batch, heads, nb = exact_query.shape
-    n_sharp = int(exact_query[0, 0].sum()) if exact_query.numel() else 0
-    if exact_query.numel() and not (exact_query.sum(-1) == n_sharp).all():
-        raise ValueError("ISA: every (batch, head) must route the same number of query blocks to exact attention")
+    if n_sharp is None:
+        n_sharp = int(exact_query[0, 0].sum()) if exact_query.numel() else 0
+        if exact_query.numel() and not (exact_query.sum(-1) == n_sharp).all():
+            raise ValueError("ISA: every (batch, head) must route the same number of query blocks to exact "
+                             "attention")
     ids = torch.arange(nb, device=exact_query.device).expand(batch, heads, nb)
     # a stable sort on the flag puts sharp blocks first, each group in ascending block order
     order = (~exact_query).to(torch.uint8).argsort(dim=-1, stable=True)
@@ -229,9 +246,11 @@ def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, 
     scores = coarse_scores(pooled_q, pooled_k)
     kept = select_kv_blocks(scores, layout, alpha_s)
     kept_scores = gather_kept(scores, kept)  # [B, H, nb, n_kept]
+    n_sharp = None  # a routing given by the caller is checked
     if exact_query is None:
         exact_query = select_exact_queries(query_sharpness(kept_scores, layout.count.float().log()[kept]), alpha_f)
-    sharp, taylor = split_queries(exact_query)
+        n_sharp = count_for_ratio(alpha_f, layout.n_blocks)
+    sharp, taylor = split_queries(exact_query, n_sharp)
     n_kept = kept.shape[-1]
     n_near = min(n_kept, max(1, count_for_ratio(alpha_ns, n_kept)))
     taylor_scores = kept_scores.gather(2, taylor.unsqueeze(-1).expand(-1, -1, -1, n_kept))

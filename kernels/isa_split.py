@@ -66,8 +66,12 @@ def sharp_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan,
     b_index = torch.arange(batch, device=q.device).view(-1, 1, 1)
     h_index = torch.arange(heads, device=q.device).view(1, -1, 1)
     rows, real = block_tokens(plan.sharp_blocks, plan)
-    kv = kept_tokens(plan)
-    result = dense_attention(q[b_index, h_index, rows], k[b_index, h_index, kv], v[b_index, h_index, kv])
+    if plan.n_kept == plan.layout.n_blocks:  # every block kept: attend to k and v as they are, no copy
+        keys, values = k, v
+    else:
+        kv = kept_tokens(plan)
+        keys, values = k[b_index, h_index, kv], v[b_index, h_index, kv]
+    result = dense_attention(q[b_index, h_index, rows], keys, values)
     out[b_index, h_index, torch.where(real, rows, n_tokens)] = result.to(out.dtype)
 
 
