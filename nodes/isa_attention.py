@@ -82,7 +82,9 @@ class IsaSparseAttention(io.ComfyNode):
                 io.Int.Input("exact_blocks", default=0, min=0, max=100,
                              tooltip="Keep exact attention in the first L transformer blocks of every step."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
-                               tooltip="auto: Triton on CUDA, plain torch elsewhere (slow, for checking)."),
+                               tooltip="auto: sharp query blocks by cuDNN/Flash attention, the rest by the Triton "
+                                       "kernel on CUDA (torch elsewhere). triton: everything in the Triton kernel. "
+                                       "torch: no Triton (CPU / Mac)."),
                 io.Combo.Input("other_models", options=list(OTHER_MODELS), default="error",
                                tooltip="What to do with a MODEL that is not a Wan model."),
             ],
