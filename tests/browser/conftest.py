@@ -65,7 +65,7 @@ def find_chromium() -> str | None:
     return None
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def comfy_ui(tmp_path_factory):
     """ComfyUI with this pack and the SETTINGS above, after checking every prerequisite of the tier."""
     if not os.environ.get("COMFYUI_PATH"):
@@ -86,7 +86,7 @@ def comfy_ui(tmp_path_factory):
         stop_comfy(server)
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def chromium(comfy_ui):
     from playwright.sync_api import sync_playwright
 
