@@ -4,8 +4,9 @@ Shapes: 1x12x32,760 (Wan 480p, 81 frames, no context), 1x12x65,520 (in-context 2
 1x40x75,600 (Wan-14B 720p, no context), 1x40x151,200 (in-context 2x, context = second half).
 Columns: cuDNN SDPA, FlashAttention SDPA, FlexAttention over ISA's own exact-block pattern (the dense-kernel
 equivalent of its sparsity, without the pooled tokens; only where ISA's blocks are a uniform tiling), ISA as
-the node runs it (plan + attention: sharp query blocks by cuDNN over gathered tokens, Taylor blocks by the
-Triton kernel), and ISA with everything in the one Triton kernel; milliseconds (median of
+the node runs it (one `isa_attention` call: the plan, then sharp query blocks by cuDNN over gathered tokens
+and Taylor blocks by the Triton kernel; the plan and the attention timed alone in brackets), and ISA with
+everything in the one Triton kernel; milliseconds (median of
 triton.testing.do_bench), the speedup of ISA over the fastest dense backend, and the relative L2 error
 against exact attention (float32) on (a) Gaussian q, k, v and (b) the structured generator documented in
 bench/isa_inputs.py (measured on 8,192 evenly spaced query rows), with the share of the source queries'
@@ -39,6 +40,7 @@ def import_pack():
 
 
 REFERENCE_ROWS = 8192
+TRADE_OFF_ALPHA_F = (0.5, 0.375, 0.25)  # the node's default first
 
 
 def sample_rows(n: int) -> torch.Tensor:
@@ -103,11 +105,11 @@ def main() -> int:
     args = ap.parse_args()
     import_pack()
     from longedit.kernels.isa import isa_attention_triton
-    from longedit.kernels.isa_reference import plan_isa
+    from longedit.kernels import isa_attention, plan_isa_fast
     from longedit.kernels.isa_split import isa_attention_split
 
     backends = torch.nn.attention.SDPBackend
-    rows = []
+    rows, trade_rows, fastest_at = [], [], {}
     for heads, n, context in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         ctx = (n // 2, n) if context else (n, n)
@@ -117,17 +119,22 @@ def main() -> int:
             q, k, v = (t.to(torch.bfloat16) for t in make())
             picked = sample_rows(n)
             ref = exact(q, k, v, picked)
-            plan = plan_isa(q, k, v, *ctx)
+            plan = plan_isa_fast(q, k, v, *ctx)
             errors[kind] = rel(isa_attention_split(q, k, v, plan), ref, picked)
             errors[kind + "_triton"] = rel(isa_attention_triton(q, k, v, plan), ref, picked)
             if kind == "struct":
                 errors["mass"] = context_mass(q, k, ctx[0]) if context else 0.0
+                for alpha_f in TRADE_OFF_ALPHA_F if context else ():
+                    ms = bench(lambda: isa_attention(q, k, v, *ctx, alpha_f=alpha_f))
+                    err = rel(isa_attention(q, k, v, *ctx, alpha_f=alpha_f), ref, picked)
+                    trade_rows.append((heads, n, alpha_f, ms, err))
             if kind == "gauss":
                 cells["cudnn"] = bench(sdpa(backends.CUDNN_ATTENTION), q, k, v)
                 cells["flash"] = bench(sdpa(backends.FLASH_ATTENTION), q, k, v)
-                cells["isa_plan"] = bench(lambda: plan_isa(q, k, v, *ctx))
+                cells["isa"] = bench(lambda: isa_attention(q, k, v, *ctx))
+                cells["isa_plan"] = bench(lambda: plan_isa_fast(q, k, v, *ctx))
                 cells["isa_attn"] = bench(isa_attention_split, q, k, v, plan)
-                cells["isa_triton"] = bench(isa_attention_triton, q, k, v, plan)
+                cells["isa_triton"] = bench(lambda: isa_attention(q, k, v, *ctx, backend="triton"))
                 try:
                     flex = None if args.no_flex else flex_runner(plan, n, 64)
                     cells["flex"] = bench(flex, q, k, v) if flex is not None else None
@@ -137,14 +144,20 @@ def main() -> int:
             del q, k, v, ref, plan
             torch.cuda.empty_cache()
         fastest = min(cells["cudnn"], cells["flash"])
-        isa_ms = cells["isa_plan"] + cells["isa_attn"]
-        triton_ms = cells["isa_plan"] + cells["isa_triton"]
+        fastest_at[n] = fastest
+        isa_ms, triton_ms = cells["isa"], cells["isa_triton"]
         flex = f"{cells['flex']:.1f}" if cells["flex"] is not None else "n/a"
         rows.append(f"1x{heads}x{n:,}{' (ctx 2nd half)' if context else ''} | {cells['cudnn']:.1f} | {cells['flash']:.1f} | "
-                    f"{flex} | {isa_ms:.1f} ({cells['isa_plan']:.1f} + {cells['isa_attn']:.1f}) | {fastest / isa_ms:.2f}x | "
+                    f"{flex} | {isa_ms:.1f} ({cells['isa_plan']:.1f} / {cells['isa_attn']:.1f}) | {fastest / isa_ms:.2f}x | "
                     f"{triton_ms:.1f} ({fastest / triton_ms:.2f}x) | {errors['gauss']:.2e} | {errors['struct']:.2e} | "
                     f"{errors['mass']:.1%}")
         print(rows[-1] + f"  (one-kernel errors: {errors['gauss_triton']:.2e} / {errors['struct_triton']:.2e})", flush=True)
+    print("\nISA at other alpha_f (share of query blocks on exact attention; alpha_s 0.125, alpha_ns 0.0625), "
+          "structured inputs (b), one isa_attention call")
+    print("shape | alpha_f | ISA ms | speedup vs fastest dense | rel L2 err (b)")
+    print("--- | --- | --- | --- | ---")
+    for heads, n, alpha_f, ms, err in trade_rows:
+        print(f"1x{heads}x{n:,} | {alpha_f} | {ms:.1f} | {fastest_at[n] / ms:.2f}x | {err:.2e}")
     print(f"\nISA (alpha_s 0.125, alpha_f 0.5, alpha_ns 0.0625, b 64) vs dense attention, bf16, d 128, "
           f"{torch.cuda.get_device_name()}")
     print("shape | cuDNN ms | Flash ms | Flex (ISA blocks) ms | ISA ms (plan + attention) | ISA speedup vs fastest dense "

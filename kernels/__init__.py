@@ -53,6 +53,15 @@ def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
     return subset_attention_reference(q, k, v, selection, heads)
 
 
+def plan_isa_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
+                  pool_in_triton: bool = True, **ratios):
+    """`isa_reference.plan_isa`, pooling q, k and v with the Triton twin on CUDA (one pass each)."""
+    pool = None
+    if pool_in_triton and use_triton(q) and all(x.stride(-1) == 1 for x in (q, k, v)):
+        from .isa import pool_blocks_triton as pool
+    return plan_isa(q, k, v, ctx_start, ctx_end, pool=pool, **ratios)
+
+
 def isa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
                   block_size: int = 64, alpha_s: float = 0.125, alpha_f: float = 0.5,
                   alpha_ns: float = 0.0625, backend: str = "auto") -> torch.Tensor:
@@ -62,8 +71,8 @@ def isa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: 
     in the Triton kernel; 'torch': no Triton at all."""
     from .isa_split import isa_attention_split
 
-    plan = plan_isa(q, k, v, ctx_start, ctx_end, block_size=block_size, alpha_s=alpha_s, alpha_f=alpha_f,
-                    alpha_ns=alpha_ns)
+    plan = plan_isa_fast(q, k, v, ctx_start, ctx_end, block_size=block_size, alpha_s=alpha_s, alpha_f=alpha_f,
+                         alpha_ns=alpha_ns, pool_in_triton=backend != "torch")
     if backend == "triton":
         from .isa import isa_attention_triton
 

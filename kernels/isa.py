@@ -5,10 +5,10 @@ Pooling, coarse scores and every selection are small [B, H, nb, ...] tensors com
 block of one (batch, head) and feeds a single flash-style online softmax from two sources:
 
 * exact KV blocks: for a sharp query block every kept block in ascending order, for a Taylor block its
-  near blocks best first; each a full tile of k and v tokens (`tl.dot` for q kᵀ and p v, float32
-  accumulation);
-* pooled pseudo-tokens (Taylor blocks only): every other kept block, BLOCK_P at a time in ascending order,
-  with logits q·k̄ᵀ/√d + ln(count) and values v̄ (near blocks are masked out of these tiles).
+  near blocks; PAIR blocks (1 or 2, see `launch_config`) form one tile of k and v tokens (`tl.dot` for
+  q kᵀ and p v, float32 accumulation);
+* pooled pseudo-tokens (Taylor blocks only): every other kept block, BLOCK_P at a time in ascending order
+  (the kept blocks' means are gathered into one contiguous array first), with logits q·k̄ᵀ/√d + ln(count) and values v̄ (near blocks are masked out of these tiles).
 
 Whenever the running max rises, the running sum and the accumulator are rescaled by exp(m_old - m_new), so
 the result is the exact softmax over both sources whatever order they arrive in. Logits are kept in base 2
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .isa_reference import (DEFAULT_ALPHA_F, DEFAULT_ALPHA_NS, DEFAULT_ALPHA_S, DEFAULT_BLOCK_SIZE, IsaPlan,
-                            check_qkv, plan_isa)
+                            check_qkv, gather_blocks, plan_isa)
 
 LOG2E = 1.4426950408889634
 
@@ -55,84 +55,89 @@ def _online_softmax_step(logits, values, m_i, l_i, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_token_tile(base, start, count, stride_n, offs_rows, offs_d, D):
-    """Rows start .. start+count-1 of a [N, D] matrix (row stride stride_n), zero-padded to the tile."""
-    rows = start.to(tl.int64) + offs_rows
-    mask = (offs_rows[:, None] < count) & (offs_d[None, :] < D)
-    return tl.load(base + rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _exact_tile(q, k_base, v_base, kv_block, block_start_ptr, block_count_ptr, stride_kn, stride_vn,
-                offs_rows, offs_d, D, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
-    """Fold every token of KV block `kv_block` into the running softmax."""
-    kv_start = tl.load(block_start_ptr + kv_block)
-    kv_count = tl.load(block_count_ptr + kv_block)
-    k = _load_token_tile(k_base, kv_start, kv_count, stride_kn, offs_rows, offs_d, D)
-    v = _load_token_tile(v_base, kv_start, kv_count, stride_vn, offs_rows, offs_d, D)
+def _exact_tiles(q, k_base, v_base, slot0, slot1, has1, start_row, count_row, stride_kn, stride_vn, half, within,
+                 offs_d, D, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold every token of kept slots slot0 and (if has1) slot1 into the running softmax: one tile of
+    PAIR * BLOCK token rows, the first BLOCK rows from slot0's block, the next from slot1's (half says which);
+    rows past a block's count are masked."""
+    start0 = tl.load(start_row + slot0)
+    count0 = tl.load(count_row + slot0)
+    start1 = tl.load(start_row + slot1)
+    count1 = tl.where(has1, tl.load(count_row + slot1), 0)
+    valid = within < tl.where(half == 0, count0, count1)
+    rows = tl.where(half == 0, start0, start1).to(tl.int64) + within
+    mask = valid[:, None] & (offs_d[None, :] < D)
+    k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
     logits = _dot(q, tl.trans(k), IEEE) * qk_scale
-    logits = tl.where(offs_rows[None, :] < kv_count, logits, float("-inf"))
+    logits = tl.where(valid[None, :], logits, float("-inf"))
     return _online_softmax_step(logits, v, m_i, l_i, acc, IEEE)
 
 
 @triton.jit
 def _isa_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr,
-        pooled_k_ptr, pooled_v_ptr,  # [B*H, nb, D] contiguous, q's dtype
-        block_start_ptr, block_count_ptr,  # int32 [nb]
-        kept_ptr,  # int32 [B*H, n_kept], ascending
-        query_ptr,  # int32 [B*H, n_query], the query blocks this launch computes
+        pooled_k_ptr, pooled_v_ptr,  # [B*H, n_kept, D] contiguous, q's dtype: the kept blocks' means
+        query_start_ptr, query_count_ptr,  # int32 [B*H, n_query]: the query blocks this launch computes
+        kv_start_ptr, kv_count_ptr,  # int32 [B*H, n_kept]: the kept blocks, ascending
         near_ptr,  # int32 [B*H, n_query, n_near], slots into kept (Taylor launches only)
         pooled_mask_ptr,  # int8 [B*H, n_query, n_kept], 1 where a kept slot is pooled (Taylor launches only)
-        H, n_blocks, n_query, n_kept, n_near, D, qk_scale,  # qk_scale = log2(e) / sqrt(d)
+        H, n_query, n_kept, n_near, D, qk_scale,  # qk_scale = log2(e) / sqrt(d)
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, SHARP: tl.constexpr,
-        IEEE: tl.constexpr):
-    """Grid (n_query, B*H): ISA output for query block query[program_id(1), program_id(0)]."""
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PAIR: tl.constexpr,
+        SHARP: tl.constexpr, IEEE: tl.constexpr):
+    """Grid (n_query, B*H): ISA output for query block program_id(0) of (batch, head) program_id(1)."""
     bh = tl.program_id(1)
     batch = bh // H
     head = bh % H
     offs_rows = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
+    offs_kv = tl.arange(0, PAIR * BLOCK)
+    half = offs_kv // BLOCK
+    within = offs_kv % BLOCK
 
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-    kept_row = kept_ptr + bh.to(tl.int64) * n_kept
+    start_row = kv_start_ptr + bh.to(tl.int64) * n_kept
+    count_row = kv_count_ptr + bh.to(tl.int64) * n_kept
     query_index = bh.to(tl.int64) * n_query + tl.program_id(0)
-    qb = tl.load(query_ptr + query_index)
-
-    q_start = tl.load(block_start_ptr + qb)
-    q_count = tl.load(block_count_ptr + qb)
-    q = _load_token_tile(q_base, q_start, q_count, stride_qn, offs_rows, offs_d, D)
+    q_start = tl.load(query_start_ptr + query_index)
+    q_count = tl.load(query_count_ptr + query_index)
+    q_rows = q_start.to(tl.int64) + offs_rows
+    q_mask = (offs_rows[:, None] < q_count) & d_valid[None, :]
+    q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
 
-    if SHARP:  # every kept block, token by token
-        for t in range(0, n_kept):
-            m_i, l_i, acc = _exact_tile(q, k_base, v_base, tl.load(kept_row + t), block_start_ptr, block_count_ptr,
-                                        stride_kn, stride_vn, offs_rows, offs_d, D, qk_scale, m_i, l_i, acc, IEEE)
+    if SHARP:  # every kept block, token by token, PAIR blocks a step
+        for t in range(0, n_kept, PAIR):
+            has1 = (PAIR == 2) & (t + 1 < n_kept)
+            m_i, l_i, acc = _exact_tiles(q, k_base, v_base, t, tl.where(has1, t + 1, t), has1, start_row, count_row,
+                                         stride_kn, stride_vn, half, within, offs_d, D, qk_scale, m_i, l_i, acc, IEEE)
     else:
         # near blocks token by token (there is at least one, so the running max is finite below) ...
         near_row = near_ptr + query_index * n_near
-        for t in range(0, n_near):
-            kv_block = tl.load(kept_row + tl.load(near_row + t))
-            m_i, l_i, acc = _exact_tile(q, k_base, v_base, kv_block, block_start_ptr, block_count_ptr,
-                                        stride_kn, stride_vn, offs_rows, offs_d, D, qk_scale, m_i, l_i, acc, IEEE)
+        for t in range(0, n_near, PAIR):
+            has1 = (PAIR == 2) & (t + 1 < n_near)
+            slot0 = tl.load(near_row + t)
+            slot1 = tl.load(near_row + t + 1, mask=has1, other=0)
+            m_i, l_i, acc = _exact_tiles(q, k_base, v_base, slot0, slot1, has1, start_row, count_row,
+                                         stride_kn, stride_vn, half, within, offs_d, D, qk_scale, m_i, l_i, acc, IEEE)
         # ... then one pseudo-token (k̄_j, v̄_j, + log2 count_j) per other kept block, BLOCK_P at a time
         offs_p = tl.arange(0, BLOCK_P)
-        pooled_offset = bh.to(tl.int64) * n_blocks * D
         mask_row = pooled_mask_ptr + query_index * n_kept
+        pooled_base = bh.to(tl.int64) * n_kept * D
         for p0 in range(0, n_kept, BLOCK_P):
-            slot_valid = p0 + offs_p < n_kept
-            pooled = tl.load(mask_row + p0 + offs_p, mask=slot_valid, other=0) != 0
-            kv_block = tl.load(kept_row + p0 + offs_p, mask=slot_valid, other=0)
-            kv_count = tl.load(block_count_ptr + kv_block, mask=slot_valid, other=1)
-            rows = pooled_offset + kv_block.to(tl.int64) * D
+            slot = p0 + offs_p
+            slot_valid = slot < n_kept
+            pooled = tl.load(mask_row + slot, mask=slot_valid, other=0) != 0
+            kv_count = tl.load(count_row + slot, mask=slot_valid, other=1)
+            rows = pooled_base + slot.to(tl.int64) * D
             mask = pooled[:, None] & d_valid[None, :]
             k_bar = tl.load(pooled_k_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
             v_bar = tl.load(pooled_v_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
@@ -142,9 +147,37 @@ def _isa_attention_kernel(
 
     out = acc / l_i[:, None]
     out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    out_rows = q_start.to(tl.int64) + offs_rows
-    tl.store(out_base + out_rows[:, None] * stride_on + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(offs_rows[:, None] < q_count) & d_valid[None, :])
+    tl.store(out_base + q_rows[:, None] * stride_on + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _pool_blocks_kernel(x_ptr, out_ptr, start_ptr, count_ptr, H, n_blocks, D, stride_b, stride_h, stride_n,
+                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (nb, B*H): the float32 mean of block program_id(0)'s tokens of (batch, head) program_id(1)."""
+    bh = tl.program_id(1)
+    block = tl.program_id(0)
+    start = tl.load(start_ptr + block)
+    count = tl.load(count_ptr + block)
+    offs_rows = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = x_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    rows = start.to(tl.int64) + offs_rows
+    mask = (offs_rows[:, None] < count) & (offs_d[None, :] < D)
+    x = tl.load(base + rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / count.to(tl.float32)
+    tl.store(out_ptr + (bh.to(tl.int64) * n_blocks + block) * D + offs_d, mean, mask=offs_d < D)
+
+
+def pool_blocks_triton(x: torch.Tensor, layout) -> torch.Tensor:
+    """Twin of `isa_reference.pool_blocks`: block means of x [B, H, N, d] (unit stride along d) -> float32
+    [B, H, nb, d], in one pass over x."""
+    batch, heads, _, d = x.shape
+    out = torch.empty(batch, heads, layout.n_blocks, d, dtype=torch.float32, device=x.device)
+    int32 = dict(device=x.device, dtype=torch.int32)
+    _pool_blocks_kernel[(layout.n_blocks, batch * heads)](
+        x, out, layout.start.to(**int32), layout.count.to(**int32), heads, layout.n_blocks, d, *x.stride()[:3],
+        BLOCK=triton.next_power_of_2(layout.block_size), BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
+    return out
 
 
 def _check_plan(q: torch.Tensor, plan: IsaPlan) -> None:
@@ -158,9 +191,12 @@ def _check_plan(q: torch.Tensor, plan: IsaPlan) -> None:
 
 
 def launch_config(head_dim: int) -> dict:
-    """num_warps and num_stages for the attention kernel: the best of warps {4, 8} x stages {1..4} on an
-    H200 with Triton 3.6, bf16, N = 32760, 12 heads (8 warps was ~2x slower for these 64-row tiles)."""
-    return {"num_warps": 4, "num_stages": 1 if head_dim <= 64 else 3}
+    """Tile and launch settings of the attention kernel: PAIR KV blocks per softmax step, BLOCK_P pooled
+    pseudo-tokens per step, num_warps, num_stages. From bench/isa_breakdown.py's sweep on an H200 (Triton
+    3.6, bf16, d 128, default ratios): one KV block a step beat two (2.05 vs 3.01 ms for the Taylor rows at
+    1x12x65,520; 34.9 vs 53.1 ms at 1x40x151,200), 8 warps were slower than 4 for these 64-row tiles, and
+    BLOCK_P 128 with 4 stages runs out of shared memory. d <= 64 keeps last session's single stage."""
+    return {"PAIR": 1, "BLOCK_P": 64, "num_warps": 4, "num_stages": 1 if head_dim <= 64 else 3}
 
 
 def pooled_slot_mask(plan: IsaPlan) -> torch.Tensor:
@@ -170,12 +206,14 @@ def pooled_slot_mask(plan: IsaPlan) -> torch.Tensor:
 
 
 def isa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan, *,
-                         out: torch.Tensor | None = None, sharp: bool = True) -> torch.Tensor:
+                         out: torch.Tensor | None = None, sharp: bool = True,
+                         config: dict | None = None) -> torch.Tensor:
     """ISA attention of q, k, v [B, H, N, d] (one dtype; any strides with unit stride along d) under
     `plan` -> [B, H, N, d] in q's dtype.
 
-    out: write into this [B, H, >= N, d] tensor instead of a new one. sharp=False computes only the Taylor
-    query blocks' rows (the caller fills the sharp rows another way)."""
+    out: write into this [B, H, N, d] tensor instead of a new one. sharp=False computes only the Taylor
+    query blocks' rows (the caller fills the sharp rows another way). config: overrides `launch_config`
+    (benchmarks sweep it)."""
     check_qkv(q, k, v)
     _check_plan(q, plan)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -183,30 +221,29 @@ def isa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
     batch, heads, _, d = q.shape
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    pooled_k = plan.pooled_k.to(q.dtype).contiguous()
-    pooled_v = plan.pooled_v.to(q.dtype).contiguous()
+    layout, kept = plan.layout, plan.kept_blocks
     int32 = dict(device=q.device, dtype=torch.int32)
-    block_start, block_count = plan.layout.start.to(**int32), plan.layout.count.to(**int32)
-    kept = plan.kept_blocks.to(**int32).contiguous()
-    common = dict(BLOCK=plan.layout.block_size, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                  BLOCK_P=max(16, min(64, triton.next_power_of_2(plan.n_kept))), IEEE=q.dtype == torch.float32,
-                  **launch_config(d))
-    args = (heads, plan.layout.n_blocks)
+    kv_start, kv_count = layout.start[kept].to(**int32), layout.count[kept].to(**int32)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     launches = [(plan.taylor_blocks, False)] + ([(plan.sharp_blocks, True)] if sharp else [])
     for query_blocks, is_sharp in launches:
         n_query = query_blocks.shape[-1]
         if n_query == 0:
             continue
+        settings = {**launch_config(d), **(config or {})}
         if is_sharp:
-            near = mask = kept  # unused by the sharp path
+            pooled_k = pooled_v = near = mask = kv_start  # unused by the sharp path
             n_near = 0
         else:
+            pooled_k = gather_blocks(plan.pooled_k, kept).to(q.dtype).contiguous()
+            pooled_v = gather_blocks(plan.pooled_v, kept).to(q.dtype).contiguous()
             near, mask, n_near = plan.near_slots.to(**int32).contiguous(), pooled_slot_mask(plan), plan.n_near
         _isa_attention_kernel[(n_query, batch * heads)](
-            q, k, v, out, pooled_k, pooled_v, block_start, block_count, kept,
-            query_blocks.to(**int32).contiguous(), near, mask,
-            *args, n_query, plan.n_kept, n_near, d, LOG2E / math.sqrt(d), *strides, SHARP=is_sharp, **common)
+            q, k, v, out, pooled_k, pooled_v,
+            layout.start[query_blocks].to(**int32), layout.count[query_blocks].to(**int32), kv_start, kv_count,
+            near, mask, heads, n_query, plan.n_kept, n_near, d, LOG2E / math.sqrt(d), *strides,
+            BLOCK=layout.block_size, BLOCK_D=max(16, triton.next_power_of_2(d)), SHARP=is_sharp,
+            IEEE=q.dtype == torch.float32, **settings)
     return out
 
 

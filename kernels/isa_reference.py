@@ -82,8 +82,9 @@ class IsaPlan:
     sharp_blocks: int64 [B, H, n_sharp], the sharp query blocks, ascending.
     taylor_blocks: int64 [B, H, n_taylor], the other query blocks, ascending.
     near_slots: int64 [B, H, n_taylor, n_near], for each Taylor query block the positions in kept_blocks of
-        the blocks it attends to token by token, best coarse score first; the other kept blocks reach it
-        as pooled pseudo-tokens.
+        the blocks it attends to token by token (its best-scored kept blocks, in no particular order); the
+        other kept blocks reach it as pooled pseudo-tokens.
+    n_kept_tokens: tokens in the kept blocks, the same for every (batch, head).
     """
 
     layout: BlockLayout
@@ -94,6 +95,7 @@ class IsaPlan:
     sharp_blocks: torch.Tensor
     taylor_blocks: torch.Tensor
     near_slots: torch.Tensor
+    n_kept_tokens: int
 
     @property
     def n_kept(self) -> int:
@@ -162,37 +164,64 @@ def coarse_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> torch.Tenso
     return pooled_q.float() @ pooled_k.float().transpose(-1, -2) / math.sqrt(pooled_q.shape[-1])
 
 
-def select_kv_blocks(scores: torch.Tensor, layout: BlockLayout, alpha_s: float) -> torch.Tensor:
+def context_saliency(pooled_q: torch.Tensor, pooled_k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Saliency of each context KV block: the mean coarse score S̄[i, j] over the source query blocks i (over
+    all query blocks if there are none), float32 [B, H, n_ctx_blocks].
+
+    The mean of q̄_i·k̄_j over i is (mean of q̄_i)·k̄_j, so this costs one matrix-vector product per head
+    instead of the [nb, nb] score matrix."""
+    first, end = layout.context_blocks
+    nb = layout.n_blocks
+    pieces = [pooled_q[:, :, :first], pooled_q[:, :, end:]] if end - first < nb else [pooled_q]
+    mean_q = torch.cat(pieces, dim=2).float().mean(dim=2, keepdim=True)  # [B, H, 1, d]
+    return coarse_scores(mean_q, pooled_k[:, :, first:end]).squeeze(2)
+
+
+def kept_context_counts(layout: BlockLayout, alpha_s: float) -> tuple[int, bool]:
+    """(context blocks kept, whether the partial context tail is one of them), from the layout alone."""
+    first, end = layout.context_blocks
+    n_keep_ctx = count_for_ratio(alpha_s, end - first)
+    if end - first == layout.n_blocks:  # nothing but context: keep at least one block
+        n_keep_ctx = max(1, n_keep_ctx)
+    return n_keep_ctx, bool(n_keep_ctx) and layout.context_tail_partial
+
+
+def select_kv_blocks(saliency: torch.Tensor, layout: BlockLayout, alpha_s: float) -> torch.Tensor:
     """Context pre-selection: int64 [B, H, n_kept] kept KV blocks, ascending.
 
     Every source block is kept; ceil(alpha_s * n_ctx_blocks) context blocks are kept: the partial context
-    tail block, if there is one, and the most salient of the others (saliency: mean coarse score over the
-    source query blocks). At least one block is kept."""
-    batch, heads, nb = scores.shape[:3]
-    first, end = layout.context_blocks  # host-side ranges: no device round trip
-    device = scores.device
+    tail block, if there is one, and the most salient of the others (`context_saliency`). At least one
+    block is kept. No device round trip: every count comes from the layout."""
+    batch, heads = saliency.shape[:2]
+    nb = layout.n_blocks
+    first, end = layout.context_blocks
+    device = saliency.device
     ctx_blocks = torch.arange(first, end, device=device)
     src_blocks = torch.cat([torch.arange(first, device=device), torch.arange(end, nb, device=device)])
-    n_keep_ctx = count_for_ratio(alpha_s, end - first)
-    if src_blocks.numel() == 0:
-        n_keep_ctx = max(1, n_keep_ctx)
+    n_keep_ctx, keeps_tail = kept_context_counts(layout, alpha_s)
     kept = [src_blocks.expand(batch, heads, -1)]
+    if keeps_tail:  # always kept, so that every head keeps the same number of tokens
+        kept.append(ctx_blocks[-1:].expand(batch, heads, -1))
+        ctx_blocks, saliency, n_keep_ctx = ctx_blocks[:-1], saliency[..., :-1], n_keep_ctx - 1
     if n_keep_ctx:
-        if layout.context_tail_partial:  # always kept, so that every head keeps the same number of tokens
-            kept.append(ctx_blocks[-1:].expand(batch, heads, -1))
-            ctx_blocks, n_keep_ctx = ctx_blocks[:-1], n_keep_ctx - 1
-        if n_keep_ctx:
-            query_rows = src_blocks if src_blocks.numel() else torch.arange(nb, device=device)
-            saliency = scores[:, :, query_rows][:, :, :, ctx_blocks].mean(dim=2)  # [B, H, n_ctx]
-            best = saliency.argsort(dim=-1, descending=True, stable=True)[..., :n_keep_ctx]
-            kept.append(ctx_blocks[best])
+        best = saliency.argsort(dim=-1, descending=True, stable=True)[..., :n_keep_ctx]
+        kept.append(ctx_blocks[best])
     return torch.cat(kept, dim=-1).sort(dim=-1).values
 
 
-def gather_kept(per_block: torch.Tensor, kept_blocks: torch.Tensor) -> torch.Tensor:
-    """per_block [B, H, nb_q, nb] -> [B, H, nb_q, n_kept], the columns of the kept blocks."""
-    index = kept_blocks.unsqueeze(2).expand(-1, -1, per_block.shape[2], -1)
-    return per_block.gather(-1, index)
+def kept_token_count(layout: BlockLayout, alpha_s: float) -> int:
+    """Tokens in the kept blocks of every head (the same for all heads, see `select_kv_blocks`)."""
+    first, end = layout.context_blocks
+    size = layout.block_size
+    n_ctx_tokens = sum(e - s for s, e, ctx in layout.segments if ctx)
+    n_keep_ctx, keeps_tail = kept_context_counts(layout, alpha_s)
+    tail = n_ctx_tokens - (end - first - 1) * size if keeps_tail else 0
+    return layout.segments[-1][1] - n_ctx_tokens + tail + (n_keep_ctx - keeps_tail) * size
+
+
+def gather_blocks(per_block: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """per_block [B, H, nb, d] -> [B, H, n, d], the rows of `blocks` [B, H, n]."""
+    return per_block.gather(2, blocks.unsqueeze(-1).expand(-1, -1, -1, per_block.shape[-1]))
 
 
 def query_sharpness(kept_scores: torch.Tensor, kept_log_counts: torch.Tensor) -> torch.Tensor:
@@ -203,7 +232,9 @@ def query_sharpness(kept_scores: torch.Tensor, kept_log_counts: torch.Tensor) ->
     a peaked block distribution, which the 0-th order Taylor path approximates worst, so those blocks go
     exact."""
     p = (kept_scores + kept_log_counts.unsqueeze(2)).softmax(dim=-1)
-    return p.sub_(1.0 / p.shape[-1]).square_().mean(dim=-1)
+    n = p.shape[-1]
+    # (1/n) * sum_j (p_j - 1/n)^2 = (sum_j p_j^2 - 1/n) / n, since sum_j p_j = 1: one pass over p, not four
+    return (torch.linalg.vector_norm(p, dim=-1).square() - 1.0 / n) / n
 
 
 def select_exact_queries(sharpness: torch.Tensor, alpha_f: float) -> torch.Tensor:
@@ -232,20 +263,20 @@ def split_queries(exact_query: torch.Tensor, n_sharp: int | None = None) -> tupl
 def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
              block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
              alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS,
-             exact_query: torch.Tensor | None = None) -> IsaPlan:
+             exact_query: torch.Tensor | None = None, pool=None) -> IsaPlan:
     """Everything before attention (steps 1-5 and the near blocks of step 6), computed once in torch.
 
     exact_query (bool [B, H, nb], optional) overrides the sharpness routing; tests use it to compare
-    routings on one input."""
+    routings on one input. pool: a twin of `pool_blocks` to use instead (the Triton one on CUDA)."""
     check_qkv(q, k, v)
     for name, ratio in (("alpha_s", alpha_s), ("alpha_f", alpha_f), ("alpha_ns", alpha_ns)):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ISA: {name} must lie in [0, 1], got {ratio}")
     layout = block_layout(q.shape[2], ctx_start, ctx_end, block_size, device=q.device)
-    pooled_q, pooled_k, pooled_v = (pool_blocks(x, layout) for x in (q, k, v))
-    scores = coarse_scores(pooled_q, pooled_k)
-    kept = select_kv_blocks(scores, layout, alpha_s)
-    kept_scores = gather_kept(scores, kept)  # [B, H, nb, n_kept]
+    pooled_q, pooled_k, pooled_v = ((pool or pool_blocks)(x, layout) for x in (q, k, v))
+    kept = select_kv_blocks(context_saliency(pooled_q, pooled_k, layout), layout, alpha_s)
+    kept_k = gather_blocks(pooled_k, kept)
+    kept_scores = coarse_scores(pooled_q, kept_k)  # [B, H, nb, n_kept]
     n_sharp = None  # a routing given by the caller is checked
     if exact_query is None:
         exact_query = select_exact_queries(query_sharpness(kept_scores, layout.count.float().log()[kept]), alpha_f)
@@ -253,10 +284,11 @@ def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, 
     sharp, taylor = split_queries(exact_query, n_sharp)
     n_kept = kept.shape[-1]
     n_near = min(n_kept, max(1, count_for_ratio(alpha_ns, n_kept)))
-    taylor_scores = kept_scores.gather(2, taylor.unsqueeze(-1).expand(-1, -1, -1, n_kept))
+    taylor_scores = coarse_scores(gather_blocks(pooled_q, taylor), kept_k)  # [B, H, n_taylor, n_kept]
     return IsaPlan(layout=layout, pooled_k=pooled_k, pooled_v=pooled_v, kept_blocks=kept,
                    exact_query=exact_query, sharp_blocks=sharp, taylor_blocks=taylor,
-                   near_slots=taylor_scores.topk(n_near, dim=-1).indices)
+                   near_slots=taylor_scores.topk(n_near, dim=-1, sorted=False).indices,
+                   n_kept_tokens=kept_token_count(layout, alpha_s))
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -287,7 +319,7 @@ def attend_block(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pooled_
 
 def block_routes(plan: IsaPlan, b: int, h: int):
     """(query block, exact KV blocks, pooled KV blocks) for every query block of (batch b, head h), in the
-    order the kernels visit them: near blocks best first, pooled blocks ascending."""
+    order the kernels visit them: near blocks in the plan's order, pooled blocks ascending."""
     kept = plan.kept_blocks[b, h].tolist()
     for i in plan.sharp_blocks[b, h].tolist():
         yield i, kept, []

@@ -7,8 +7,9 @@ sharp rows of all heads are one [B, H, n_sharp * b, d] x [B, H, n_kept_tokens, d
 FlashAttention run at their full rate; that part is ~90% of ISA's work at the default ratios. Only the
 Taylor rows (near blocks + pooled pseudo-tokens, a few percent of the work) need a custom kernel.
 
-Padding: a partial sharp query block is gathered as a full block whose extra rows repeat its last token;
-those rows are written to a scratch row N of the output and dropped.
+Copies: whole blocks of rows move between the tensors (`copy_row_blocks`: Triton on CUDA, torch elsewhere).
+The sharp query blocks are packed one block per b rows, a partial block's extra rows zero and dropped on the
+way back; the kept KV blocks are packed without padding, so no key is counted twice.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .isa_reference import IsaPlan, check_qkv
+from .isa_reference import IsaPlan, check_qkv, gather_blocks
+from .row_blocks_reference import copy_row_blocks_reference
 
 TAYLOR_CHUNK_BYTES = 256 * 2**20  # float32 logits held at once by the torch Taylor path
 
@@ -38,41 +40,46 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def block_tokens(blocks: torch.Tensor, plan: IsaPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token indices of `blocks` [B, H, n]: (tokens [B, H, n * b], real [B, H, n * b] bool).
+def copy_row_blocks(src: torch.Tensor, src_start: torch.Tensor, dst: torch.Tensor, dst_start: torch.Tensor,
+                    count: torch.Tensor, block: int, *, zero_fill: bool = False) -> torch.Tensor:
+    """`row_blocks_reference.copy_row_blocks_reference`, in Triton on CUDA."""
+    from . import use_triton
 
-    Slots past a partial block's count repeat its last token and are marked not real."""
-    size = plan.layout.block_size
-    start = plan.layout.start[blocks].unsqueeze(-1)
-    count = plan.layout.count[blocks].unsqueeze(-1)
-    offset = torch.arange(size, device=blocks.device)
-    real = offset < count
-    tokens = start + torch.minimum(offset, count - 1)
-    return tokens.flatten(-2), real.flatten(-2)
+    if use_triton(src) and src.stride(-1) == 1 and dst.stride(-1) == 1:
+        from .row_blocks import copy_row_blocks_triton
+
+        return copy_row_blocks_triton(src, src_start, dst, dst_start, count, block, zero_fill=zero_fill)
+    return copy_row_blocks_reference(src, src_start, dst, dst_start, count, block, zero_fill=zero_fill)
 
 
-def kept_tokens(plan: IsaPlan) -> torch.Tensor:
-    """int64 [B, H, T]: the tokens of every kept block, ascending; T is the same for every head."""
-    tokens, real = block_tokens(plan.kept_blocks, plan)
-    batch, heads = tokens.shape[:2]
-    return tokens[real].view(batch, heads, -1)
+def packed_starts(blocks: torch.Tensor, size: int) -> torch.Tensor:
+    """Row offsets 0, size, 2 * size, ... of `blocks` [B, H, n] packed one block per `size` rows."""
+    return (torch.arange(blocks.shape[-1], device=blocks.device) * size).expand_as(blocks)
+
+
+def gather_kept_tokens(x: torch.Tensor, plan: IsaPlan) -> torch.Tensor:
+    """The tokens of every kept block, ascending: [B, H, plan.n_kept_tokens, d] (no padding: a partial block
+    contributes only its real tokens, so no key is counted twice)."""
+    layout, kept = plan.layout, plan.kept_blocks
+    count = layout.count[kept]
+    packed = x.new_empty(*x.shape[:2], plan.n_kept_tokens, x.shape[-1])
+    return copy_row_blocks(x, layout.start[kept], packed, count.cumsum(-1) - count, count, layout.block_size)
 
 
 def sharp_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan, out: torch.Tensor) -> None:
-    """Exact attention of the sharp query blocks over all kept tokens, written into out [B, H, N + 1, d]."""
+    """Exact attention of the sharp query blocks over all kept tokens, written into out [B, H, N, d]."""
     if plan.sharp_blocks.shape[-1] == 0:
         return
-    batch, heads, n_tokens, _ = q.shape
-    b_index = torch.arange(batch, device=q.device).view(-1, 1, 1)
-    h_index = torch.arange(heads, device=q.device).view(1, -1, 1)
-    rows, real = block_tokens(plan.sharp_blocks, plan)
-    if plan.n_kept == plan.layout.n_blocks:  # every block kept: attend to k and v as they are, no copy
+    layout, size = plan.layout, plan.layout.block_size
+    start, count = layout.start[plan.sharp_blocks], layout.count[plan.sharp_blocks]
+    packed = packed_starts(plan.sharp_blocks, size)
+    rows = q.new_empty(*q.shape[:2], plan.sharp_blocks.shape[-1] * size, q.shape[-1])
+    copy_row_blocks(q, start, rows, packed, count, size, zero_fill=True)  # padding rows are zeros
+    if plan.n_kept == layout.n_blocks:  # every block kept: attend to k and v as they are, no copy
         keys, values = k, v
     else:
-        kv = kept_tokens(plan)
-        keys, values = k[b_index, h_index, kv], v[b_index, h_index, kv]
-    result = dense_attention(q[b_index, h_index, rows], keys, values)
-    out[b_index, h_index, torch.where(real, rows, n_tokens)] = result.to(out.dtype)
+        keys, values = gather_kept_tokens(k, plan), gather_kept_tokens(v, plan)
+    copy_row_blocks(dense_attention(rows, keys, values), packed, out, start, count, size)
 
 
 def taylor_rows_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan, out: torch.Tensor) -> None:
@@ -81,25 +88,27 @@ def taylor_rows_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: I
     n_taylor = plan.taylor_blocks.shape[-1]
     if n_taylor == 0:
         return
-    batch, heads, n_tokens, d = q.shape
-    size, n_kept = plan.layout.block_size, plan.n_kept
+    batch, heads, _, d = q.shape
+    layout, size, n_kept = plan.layout, plan.layout.block_size, plan.n_kept
     b_index = torch.arange(batch, device=q.device).view(-1, 1, 1, 1)
     h_index = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
-    kept_k = plan.pooled_k.gather(2, plan.kept_blocks.unsqueeze(-1).expand(-1, -1, -1, d))  # [B, H, n_kept, d]
-    kept_v = plan.pooled_v.gather(2, plan.kept_blocks.unsqueeze(-1).expand(-1, -1, -1, d))
-    kept_log_count = plan.layout.count[plan.kept_blocks].float().log()  # [B, H, n_kept]
+    kept_k = gather_blocks(plan.pooled_k, plan.kept_blocks)  # [B, H, n_kept, d]
+    kept_v = gather_blocks(plan.pooled_v, plan.kept_blocks)
+    kept_log_count = layout.count[plan.kept_blocks].float().log()  # [B, H, n_kept]
     width = plan.n_near * size + n_kept
     chunk = max(1, TAYLOR_CHUNK_BYTES // (4 * batch * heads * size * width))
     scale = 1.0 / math.sqrt(d)
+    offs = torch.arange(size, device=q.device)
     for c0 in range(0, n_taylor, chunk):
         blocks = plan.taylor_blocks[..., c0:c0 + chunk]  # [B, H, c]
         slots = plan.near_slots[..., c0:c0 + chunk, :]  # [B, H, c, n_near]
-        rows, real_rows = block_tokens(blocks, plan)  # [B, H, c * b]
         c = blocks.shape[-1]
-        rows, real_rows = rows.view(batch, heads, c, size), real_rows.view(batch, heads, c, size)
-        near_tokens, near_real = block_tokens(plan.kept_blocks.gather(-1, slots.flatten(-2)), plan)
-        near_tokens = near_tokens.view(batch, heads, c, -1)  # [B, H, c, n_near * b]
-        near_real = near_real.view(batch, heads, c, -1)
+        start, count = layout.start[blocks], layout.count[blocks]
+        rows = start.unsqueeze(-1) + torch.minimum(offs, count.unsqueeze(-1) - 1)  # [B, H, c, b]; pads repeat
+        near = plan.kept_blocks.gather(-1, slots.flatten(-2)).view(batch, heads, c, -1)  # [B, H, c, n_near]
+        near_count = layout.count[near].unsqueeze(-1)
+        near_tokens = (layout.start[near].unsqueeze(-1) + torch.minimum(offs, near_count - 1)).flatten(-2)
+        near_real = (offs < near_count).flatten(-2)  # [B, H, c, n_near * b]
         qc = q[b_index, h_index, rows].float()  # [B, H, c, b, d]
         exact_logits = (qc @ k[b_index, h_index, near_tokens].float().transpose(-1, -2)) * scale
         exact_logits = exact_logits.masked_fill(~near_real.unsqueeze(-2), float("-inf"))
@@ -109,19 +118,22 @@ def taylor_rows_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: I
         p = torch.cat([exact_logits, pooled_logits], dim=-1).softmax(dim=-1)
         n_exact_tokens = near_tokens.shape[-1]
         result = (p[..., :n_exact_tokens] @ v[b_index, h_index, near_tokens].float()
-                  + p[..., n_exact_tokens:] @ kept_v.unsqueeze(2))
-        out[b_index, h_index, torch.where(real_rows, rows, n_tokens)] = result.to(out.dtype)
+                  + p[..., n_exact_tokens:] @ kept_v.unsqueeze(2))  # [B, H, c, b, d]
+        copy_row_blocks_reference(result.flatten(2, 3), packed_starts(blocks, size), out, start, count, size)
 
 
 def isa_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan, *,
                         taylor: str = "auto") -> torch.Tensor:
     """ISA attention of q, k, v [B, H, N, d] under `plan` -> [B, H, N, d] in q's dtype: sharp rows by dense
     attention over gathered tokens, Taylor rows by the Triton kernel (taylor='triton', or 'auto' on CUDA
-    with Triton installed) or in torch (taylor='torch', or 'auto' elsewhere)."""
+    with Triton installed) or in torch (taylor='torch', or 'auto' elsewhere).
+
+    (Running the Taylor rows on a second CUDA stream beside the dense call was slower on an H200: 15.9 vs
+    15.4 ms at 1x12x65,520, bench/isa_breakdown.py; cuDNN keeps every multiprocessor busy.)"""
     check_qkv(q, k, v)
     batch, heads, n_tokens, d = q.shape
     k, v = k.to(q.dtype), v.to(q.dtype)
-    out = torch.empty(batch, heads, n_tokens + 1, d, dtype=q.dtype, device=q.device)  # row N: scratch
+    out = torch.empty(batch, heads, n_tokens, d, dtype=q.dtype, device=q.device)
     sharp_rows(q, k, v, plan, out)
     if taylor == "auto":
         from . import use_triton
@@ -133,4 +145,4 @@ def isa_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         isa_attention_triton(q, k, v, plan, out=out, sharp=False)
     else:
         taylor_rows_torch(q, k, v, plan, out)
-    return out[:, :, :n_tokens]
+    return out

@@ -80,3 +80,38 @@ def test_every_backend_with_everything_exact_is_attention(backend):
     out = isa_attention(q, k, v, 3000, 6001, alpha_s=1.0, alpha_f=1.0, alpha_ns=0.0, backend=backend)
     exact = ((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(128)).softmax(dim=-1) @ v.float()
     assert rel_l2(out, exact) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("pair, block_p, warps, stages", [(1, 64, 4, 3), (2, 128, 8, 2), (2, 64, 4, 4)])
+def test_triton_launch_settings_do_not_change_the_result(pair, block_p, warps, stages):
+    q, k, v = structured_qkv(1, 2, 6001, 128, torch.float16, seed=9)
+    plan = plan_isa(q, k, v, 3000, 6001)
+    config = {"PAIR": pair, "BLOCK_P": block_p, "num_warps": warps, "num_stages": stages}
+    out = isa_attention_triton(q, k, v, plan, config=config)
+    assert rel_l2(out, isa_attention_reference(q, k, v, plan)) <= TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("zero_fill", [False, True])
+def test_row_block_copy_on_cuda_matches_reference(zero_fill):
+    from longedit.kernels.row_blocks import copy_row_blocks_triton
+    from longedit.kernels.row_blocks_reference import copy_row_blocks_reference
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    src = torch.randn(2, 5000, 12, 128, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    count = torch.randint(1, 65, (2, 12, 50), device="cuda", generator=g)
+    src_start = torch.randint(0, 5000 - 64, (2, 12, 50), device="cuda", generator=g)
+    dst_start = (torch.arange(50, device="cuda") * 64).expand(2, 12, -1)
+    fill = torch.full((2, 12, 3200, 128), 3.0, device="cuda", dtype=torch.bfloat16)
+    ref = copy_row_blocks_reference(src, src_start, fill.clone(), dst_start, count, 64, zero_fill=zero_fill)
+    assert torch.equal(copy_row_blocks_triton(src, src_start, fill.clone(), dst_start, count, 64,
+                                              zero_fill=zero_fill), ref)
+
+
+def test_triton_pooling_matches_the_reference():
+    from longedit.kernels.isa import pool_blocks_triton
+    from longedit.kernels.isa_reference import block_layout, pool_blocks
+
+    q = structured_qkv(2, 3, 6001, 128, torch.bfloat16, seed=4)[0].transpose(1, 2).contiguous().transpose(1, 2)
+    for ctx in ((3000, 6001), (37, 2100), (6001, 6001)):
+        layout = block_layout(6001, *ctx, 64, device="cuda")
+        assert rel_l2(pool_blocks_triton(q, layout), pool_blocks(q, layout)) <= 1e-6

@@ -122,7 +122,7 @@ def test_every_head_keeps_the_same_tokens_count_and_the_partial_context_tail(n, 
     plan = plan_isa(q, k, v, *ctx, block_size=16, alpha_s=alpha_s)
     layout = plan.layout
     tokens = layout.count[plan.kept_blocks].sum(-1)
-    assert (tokens == tokens.flatten()[0]).all()
+    assert (tokens == plan.n_kept_tokens).all()  # counted from the layout alone, for every head
     ctx_blocks = layout.is_context.nonzero().flatten()
     n_keep_ctx = count_for_ratio(alpha_s, ctx_blocks.numel()) if ctx_blocks.numel() else 0
     assert plan.n_kept == int((~layout.is_context).sum()) + n_keep_ctx
@@ -324,6 +324,32 @@ def test_triton_matches_reference_in_the_interpreter(batch, n, d, size, ctx, dty
 
 
 @needs_triton
+@pytest.mark.parametrize("pair", [1, 2])
+@pytest.mark.parametrize("alpha_ns", [0.1, 0.2])
+def test_triton_tiles_of_one_or_two_kv_blocks_match_reference(pair, alpha_ns):
+    """Two KV blocks per softmax step, with an odd number of near blocks and of kept blocks (the last tile
+    is half empty) and partial blocks on both sides of the context boundary."""
+    from longedit.kernels.isa import isa_attention_triton
+
+    q, k, v = structured_qkv(1, 2, 333, 32, 16, seed=11)
+    plan = plan_isa(q, k, v, 117, 333, block_size=16, alpha_s=0.3, alpha_f=0.4, alpha_ns=alpha_ns)
+    assert plan.n_kept % 2 == 1 and plan.n_near == {0.1: 2, 0.2: 3}[alpha_ns]
+    out = isa_attention_triton(q, k, v, plan, config={"PAIR": pair, "BLOCK_P": 16})
+    assert rel_l2(out, isa_attention_reference(q, k, v, plan)) <= 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("n, ctx, size", [(333, (117, 333), 16), (200, (0, 0), 64), (97, (3, 40), 16)])
+def test_triton_pooling_matches_reference(n, ctx, size):
+    """Block means with partial blocks on either side of the context, from a strided [B, H, N, d] view."""
+    from longedit.kernels.isa import pool_blocks_triton
+
+    x = structured_qkv(2, 3, n, 48, size, seed=n)[0].transpose(1, 2).contiguous().transpose(1, 2)
+    layout = block_layout(n, *ctx, size)
+    assert rel_l2(pool_blocks_triton(x, layout), pool_blocks(x, layout)) <= 1e-6
+
+
+@needs_triton
 def test_triton_reads_strided_inputs():
     """q, k, v as [B, H, N, d] views of [B, N, H, d] tensors, as attention layers usually hold them."""
     from longedit.kernels.isa import isa_attention_triton
@@ -332,6 +358,34 @@ def test_triton_reads_strided_inputs():
     assert not q.is_contiguous()
     plan = plan_isa(q, k, v, 65, 130, block_size=16, alpha_s=0.5, alpha_f=0.5, alpha_ns=0.1)
     assert rel_l2(isa_attention_triton(q, k, v, plan), isa_attention_reference(q, k, v, plan)) <= 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("block, n_src, n_dst, d, dtype, zero_fill", [
+    (16, 100, 80, 32, torch.float32, False), (16, 100, 80, 32, torch.float32, True),
+    (24, 77, 120, 48, torch.float16, True), (64, 300, 200, 128, torch.float32, False)])
+def test_row_block_copy_in_triton_matches_reference(block, n_src, n_dst, d, dtype, zero_fill):
+    """Runs of any length up to `block` (a non-power-of-two block too), per (batch, head) lists, strided
+    source; zero_fill clears exactly the rest of each run's block-row slot and nothing else."""
+    from longedit.kernels.row_blocks import copy_row_blocks_triton
+    from longedit.kernels.row_blocks_reference import copy_row_blocks_reference
+
+    g = torch.Generator().manual_seed(block + n_src)
+    src = torch.randn(2, n_src, 3, d, generator=g).to(dtype).transpose(1, 2)  # [B, H, N, d] view
+    n_runs = n_dst // block
+    count = torch.randint(1, block + 1, (2, 3, n_runs), generator=g)
+    src_start = torch.randint(0, n_src - block, (2, 3, n_runs), generator=g)
+    dst_start = (torch.arange(n_runs) * block).expand(2, 3, -1)
+    fill = torch.full((2, 3, n_dst, d), 7.0, dtype=dtype)
+    ref = copy_row_blocks_reference(src, src_start, fill.clone(), dst_start, count, block, zero_fill=zero_fill)
+    out = copy_row_blocks_triton(src, src_start, fill.clone(), dst_start, count, block, zero_fill=zero_fill)
+    assert torch.equal(out, ref)
+    assert (ref[:, :, n_runs * block:] == 7).all()  # rows past the last slot untouched
+    run_rows = ref[:, :, :n_runs * block].unflatten(2, (n_runs, block))
+    past = torch.arange(block) >= count.unsqueeze(-1)  # [B, H, runs, block]
+    assert (run_rows[past] == (0 if zero_fill else 7)).all()
+    first = src.gather(2, src_start[..., :1, None].expand(-1, -1, -1, d))
+    assert torch.equal(run_rows[:, :, 0, 0], first[:, :, 0])
 
 
 # ---------------------------------------------------------------- the split path (dense sharp rows + Taylor rows)
