@@ -28,14 +28,34 @@ from isa_attention import bench, import_pack  # noqa: E402
 from isa_inputs import gaussian  # noqa: E402
 
 SHAPES = [(12, 65520), (40, 151200)]
-SWEEP = {"PAIR": (1, 2), "BLOCK_P": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
-QUICK = {"PAIR": (1,), "BLOCK_P": (32, 64), "num_warps": (4,), "num_stages": (2, 3, 4)}
+SWEEP = {"TMA": (False, True), "PAIR": (1, 2), "BLOCK_P": (32, 64, 128), "num_warps": (4, 8),
+         "num_stages": (2, 3, 4)}
+QUICK = {"TMA": (False, True), "PAIR": (1,), "BLOCK_P": (64,), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 
 
 def configs(quick: bool):
     sweep = QUICK if quick else SWEEP
     for values in itertools.product(*sweep.values()):
         yield dict(zip(sweep, values))
+
+
+def graph_time(fn) -> float | None:
+    """Milliseconds of fn's GPU work alone: fn captured once in a CUDA graph and replayed, so no host-side
+    launch time is counted (None if fn cannot be captured)."""
+    try:
+        fn()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay)
+    except Exception as e:  # e.g. a host round trip inside fn
+        print(f"graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
 
 
 def main() -> int:
@@ -91,9 +111,14 @@ def main() -> int:
         t["Taylor rows (default)"] = bench(lambda: isa_attention_triton(q, k, v, plan, out=out, sharp=False))
         t["split"] = bench(lambda: isa_attention_split(q, k, v, plan))
         t["isa_attention (plan + split)"] = bench(lambda: isa_attention(q, k, v, *ctx))
+        t["plan, GPU time alone (CUDA graph)"] = graph_time(lambda: plan_isa_fast(q, k, v, *ctx))
+        t["isa_attention, GPU time alone (CUDA graph)"] = graph_time(lambda: isa_attention(q, k, v, *ctx))
         n_taylor_rows = plan.taylor_blocks.numel() * size
         taylor_flop = 4 * q.shape[-1] * n_taylor_rows * (plan.n_near * size + plan.n_kept)
         for name, ms in t.items():
+            if ms is None:
+                stage_rows.append(f"1x{heads}x{n:,} | {name} | n/a | capture failed")
+                continue
             extra = f"{t['cudnn'] / ms:.2f}x of cuDNN" if name in ("split", "isa_attention (plan + split)") else ""
             if name.startswith("Taylor"):
                 extra = f"{taylor_flop / ms / 1e9:.0f} TFLOP/s useful"
@@ -114,13 +139,13 @@ def main() -> int:
     print("shape | stage | ms | note")
     print("--- | --- | --- | ---")
     print("\n".join(stage_rows))
-    print("\nTriton Taylor rows, launch settings (best 5 per shape)")
-    print("shape | PAIR | BLOCK_P | warps | stages | ms | useful TFLOP/s")
-    print("--- | --- | --- | --- | --- | --- | ---")
+    print("\nTriton Taylor rows, launch settings (best 6 per shape)")
+    print("shape | TMA | PAIR | BLOCK_P | warps | stages | ms | useful TFLOP/s")
+    print("--- | --- | --- | --- | --- | --- | --- | ---")
     for shape in SHAPES:
-        best = sorted((r for r in sweep_rows if (r[0], r[1]) == shape), key=lambda r: r[3])[:5]
+        best = sorted((r for r in sweep_rows if (r[0], r[1]) == shape), key=lambda r: r[3])[:6]
         for heads, n, c, ms, rate in best:
-            print(f"1x{heads}x{n:,} | {c['PAIR']} | {c['BLOCK_P']} | {c['num_warps']} | {c['num_stages']} | "
+            print(f"1x{heads}x{n:,} | {c['TMA']} | {c['PAIR']} | {c['BLOCK_P']} | {c['num_warps']} | {c['num_stages']} | "
                   f"{ms:.3f} | {rate:.0f}")
     return 0
 

@@ -22,6 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .isa_reference import (DEFAULT_ALPHA_F, DEFAULT_ALPHA_NS, DEFAULT_ALPHA_S, DEFAULT_BLOCK_SIZE, IsaPlan,
                             check_qkv, gather_blocks, plan_isa)
@@ -75,6 +76,21 @@ def _exact_tiles(q, k_base, v_base, slot0, slot1, has1, start_row, count_row, st
 
 
 @triton.jit
+def _exact_tile_tma(q, k_desc, v_desc, batch, head, slot, start_row, count_row, within, qk_scale, m_i, l_i, acc,
+                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """`_exact_tiles` for one block through the tensor-memory accelerator: the block's BLOCK rows are one
+    contiguous box of the [B, H, N, d] tensor (zero past N); rows past the block's count belong to the next
+    block and are masked out of the logits, so their values get weight 0."""
+    start = tl.load(start_row + slot)
+    count = tl.load(count_row + slot)
+    k = tl.reshape(k_desc.load([batch, head, start, 0]), [BLOCK, BLOCK_D])
+    v = tl.reshape(v_desc.load([batch, head, start, 0]), [BLOCK, BLOCK_D])
+    logits = _dot(q, tl.trans(k), IEEE) * qk_scale
+    logits = tl.where(within[None, :] < count, logits, float("-inf"))
+    return _online_softmax_step(logits, v, m_i, l_i, acc, IEEE)
+
+
+@triton.jit
 def _isa_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr,
         pooled_k_ptr, pooled_v_ptr,  # [B*H, n_kept, D] contiguous, q's dtype: the kept blocks' means
@@ -86,7 +102,7 @@ def _isa_attention_kernel(
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PAIR: tl.constexpr,
-        SHARP: tl.constexpr, IEEE: tl.constexpr):
+        SHARP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
     """Grid (n_query, B*H): ISA output for query block program_id(0) of (batch, head) program_id(1)."""
     bh = tl.program_id(1)
     batch = bh // H
@@ -99,8 +115,12 @@ def _isa_attention_kernel(
     within = offs_kv % BLOCK
 
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    if TMA:  # k_ptr and v_ptr are tensor descriptors of [B, H, N, d] with [1, 1, BLOCK, BLOCK_D] boxes
+        k_base = k_ptr
+        v_base = v_ptr
+    else:
+        k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+        v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
     start_row = kv_start_ptr + bh.to(tl.int64) * n_kept
     count_row = kv_count_ptr + bh.to(tl.int64) * n_kept
     query_index = bh.to(tl.int64) * n_query + tl.program_id(0)
@@ -116,18 +136,28 @@ def _isa_attention_kernel(
 
     if SHARP:  # every kept block, token by token, PAIR blocks a step
         for t in range(0, n_kept, PAIR):
-            has1 = (PAIR == 2) & (t + 1 < n_kept)
-            m_i, l_i, acc = _exact_tiles(q, k_base, v_base, t, tl.where(has1, t + 1, t), has1, start_row, count_row,
-                                         stride_kn, stride_vn, half, within, offs_d, D, qk_scale, m_i, l_i, acc, IEEE)
+            if TMA:
+                m_i, l_i, acc = _exact_tile_tma(q, k_base, v_base, batch, head, t, start_row, count_row, within,
+                                                qk_scale, m_i, l_i, acc, BLOCK, BLOCK_D, IEEE)
+            else:
+                has1 = (PAIR == 2) & (t + 1 < n_kept)
+                m_i, l_i, acc = _exact_tiles(q, k_base, v_base, t, tl.where(has1, t + 1, t), has1, start_row,
+                                             count_row, stride_kn, stride_vn, half, within, offs_d, D, qk_scale,
+                                             m_i, l_i, acc, IEEE)
     else:
         # near blocks token by token (there is at least one, so the running max is finite below) ...
         near_row = near_ptr + query_index * n_near
         for t in range(0, n_near, PAIR):
-            has1 = (PAIR == 2) & (t + 1 < n_near)
             slot0 = tl.load(near_row + t)
-            slot1 = tl.load(near_row + t + 1, mask=has1, other=0)
-            m_i, l_i, acc = _exact_tiles(q, k_base, v_base, slot0, slot1, has1, start_row, count_row,
-                                         stride_kn, stride_vn, half, within, offs_d, D, qk_scale, m_i, l_i, acc, IEEE)
+            if TMA:
+                m_i, l_i, acc = _exact_tile_tma(q, k_base, v_base, batch, head, slot0, start_row, count_row, within,
+                                                qk_scale, m_i, l_i, acc, BLOCK, BLOCK_D, IEEE)
+            else:
+                has1 = (PAIR == 2) & (t + 1 < n_near)
+                slot1 = tl.load(near_row + t + 1, mask=has1, other=0)
+                m_i, l_i, acc = _exact_tiles(q, k_base, v_base, slot0, slot1, has1, start_row, count_row,
+                                             stride_kn, stride_vn, half, within, offs_d, D, qk_scale, m_i, l_i, acc,
+                                             IEEE)
         # ... then one pseudo-token (k̄_j, v̄_j, + log2 count_j) per other kept block, BLOCK_P at a time
         offs_p = tl.arange(0, BLOCK_P)
         mask_row = pooled_mask_ptr + query_index * n_kept
@@ -175,7 +205,7 @@ def pool_blocks_triton(x: torch.Tensor, layout) -> torch.Tensor:
     out = torch.empty(batch, heads, layout.n_blocks, d, dtype=torch.float32, device=x.device)
     int32 = dict(device=x.device, dtype=torch.int32)
     _pool_blocks_kernel[(layout.n_blocks, batch * heads)](
-        x, out, layout.start.to(**int32), layout.count.to(**int32), heads, layout.n_blocks, d, *x.stride()[:3],
+        x, out, layout.start32, layout.count32, heads, layout.n_blocks, d, *x.stride()[:3],
         BLOCK=triton.next_power_of_2(layout.block_size), BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
     return out
 
@@ -223,7 +253,7 @@ def isa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     layout, kept = plan.layout, plan.kept_blocks
     int32 = dict(device=q.device, dtype=torch.int32)
-    kv_start, kv_count = layout.start[kept].to(**int32), layout.count[kept].to(**int32)
+    kv_start, kv_count = layout.start32[kept], layout.count32[kept]
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     launches = [(plan.taylor_blocks, False)] + ([(plan.sharp_blocks, True)] if sharp else [])
     for query_blocks, is_sharp in launches:
@@ -238,12 +268,19 @@ def isa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
             pooled_k = gather_blocks(plan.pooled_k, kept).to(q.dtype).contiguous()
             pooled_v = gather_blocks(plan.pooled_v, kept).to(q.dtype).contiguous()
             near, mask, n_near = plan.near_slots.to(**int32).contiguous(), pooled_slot_mask(plan), plan.n_near
+        tma = settings.pop("TMA", False)
+        if tma:  # one block per step through descriptors; needs 16-byte aligned strides
+            settings["PAIR"] = 1
+            box = [1, 1, layout.block_size, max(16, triton.next_power_of_2(d))]
+            k_arg, v_arg = (TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x in (k, v))
+        else:
+            k_arg, v_arg = k, v
         _isa_attention_kernel[(n_query, batch * heads)](
-            q, k, v, out, pooled_k, pooled_v,
-            layout.start[query_blocks].to(**int32), layout.count[query_blocks].to(**int32), kv_start, kv_count,
+            q, k_arg, v_arg, out, pooled_k, pooled_v,
+            layout.start32[query_blocks], layout.count32[query_blocks], kv_start, kv_count,
             near, mask, heads, n_query, plan.n_kept, n_near, d, LOG2E / math.sqrt(d), *strides,
             BLOCK=layout.block_size, BLOCK_D=max(16, triton.next_power_of_2(d)), SHARP=is_sharp,
-            IEEE=q.dtype == torch.float32, **settings)
+            IEEE=q.dtype == torch.float32, TMA=tma, **settings)
     return out
 
 

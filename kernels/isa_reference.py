@@ -65,6 +65,8 @@ class BlockLayout:
     segments: tuple[tuple[int, int, bool], ...]
     context_blocks: tuple[int, int] = (0, 0)
     context_tail_partial: bool = False
+    start32: torch.Tensor | None = None  # int32 copies of start and count for the kernels (made once: the
+    count32: torch.Tensor | None = None  # layout is cached, the conversions would run at every call)
 
     @property
     def n_blocks(self) -> int:
@@ -137,6 +139,8 @@ def _block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int, 
     return BlockLayout(block_size=block_size,
                        start=torch.tensor(starts, dtype=torch.int64, device=device),
                        count=torch.tensor(counts, dtype=torch.int64, device=device),
+                       start32=torch.tensor(starts, dtype=torch.int32, device=device),
+                       count32=torch.tensor(counts, dtype=torch.int32, device=device),
                        is_context=torch.tensor(flags, dtype=torch.bool, device=device),
                        segments=segments, context_blocks=context_blocks,
                        context_tail_partial=bool(context) and counts[context[-1]] < block_size)

@@ -54,16 +54,17 @@ def copy_row_blocks(src: torch.Tensor, src_start: torch.Tensor, dst: torch.Tenso
 
 def packed_starts(blocks: torch.Tensor, size: int) -> torch.Tensor:
     """Row offsets 0, size, 2 * size, ... of `blocks` [B, H, n] packed one block per `size` rows."""
-    return (torch.arange(blocks.shape[-1], device=blocks.device) * size).expand_as(blocks)
+    return torch.arange(0, blocks.shape[-1] * size, size, device=blocks.device, dtype=torch.int32).expand_as(blocks)
 
 
 def gather_kept_tokens(x: torch.Tensor, plan: IsaPlan) -> torch.Tensor:
     """The tokens of every kept block, ascending: [B, H, plan.n_kept_tokens, d] (no padding: a partial block
     contributes only its real tokens, so no key is counted twice)."""
     layout, kept = plan.layout, plan.kept_blocks
-    count = layout.count[kept]
+    count = layout.count32[kept]
     packed = x.new_empty(*x.shape[:2], plan.n_kept_tokens, x.shape[-1])
-    return copy_row_blocks(x, layout.start[kept], packed, count.cumsum(-1) - count, count, layout.block_size)
+    offset = count.cumsum(-1, dtype=torch.int32) - count
+    return copy_row_blocks(x, layout.start32[kept], packed, offset, count, layout.block_size)
 
 
 def sharp_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan, out: torch.Tensor) -> None:
@@ -71,7 +72,7 @@ def sharp_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: IsaPlan,
     if plan.sharp_blocks.shape[-1] == 0:
         return
     layout, size = plan.layout, plan.layout.block_size
-    start, count = layout.start[plan.sharp_blocks], layout.count[plan.sharp_blocks]
+    start, count = layout.start32[plan.sharp_blocks], layout.count32[plan.sharp_blocks]
     packed = packed_starts(plan.sharp_blocks, size)
     rows = q.new_empty(*q.shape[:2], plan.sharp_blocks.shape[-1] * size, q.shape[-1])
     copy_row_blocks(q, start, rows, packed, count, size, zero_fill=True)  # padding rows are zeros

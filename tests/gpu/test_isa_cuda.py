@@ -82,11 +82,13 @@ def test_every_backend_with_everything_exact_is_attention(backend):
     assert rel_l2(out, exact) <= TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("pair, block_p, warps, stages", [(1, 64, 4, 3), (2, 128, 8, 2), (2, 64, 4, 4)])
-def test_triton_launch_settings_do_not_change_the_result(pair, block_p, warps, stages):
+@pytest.mark.parametrize("tma, pair, block_p, warps, stages", [(False, 1, 64, 4, 3), (False, 2, 128, 8, 2),
+                                                                (False, 2, 64, 4, 4), (True, 1, 64, 4, 3),
+                                                                (True, 1, 32, 8, 2)])
+def test_triton_launch_settings_do_not_change_the_result(tma, pair, block_p, warps, stages):
     q, k, v = structured_qkv(1, 2, 6001, 128, torch.float16, seed=9)
     plan = plan_isa(q, k, v, 3000, 6001)
-    config = {"PAIR": pair, "BLOCK_P": block_p, "num_warps": warps, "num_stages": stages}
+    config = {"TMA": tma, "PAIR": pair, "BLOCK_P": block_p, "num_warps": warps, "num_stages": stages}
     out = isa_attention_triton(q, k, v, plan, config=config)
     assert rel_l2(out, isa_attention_reference(q, k, v, plan)) <= TOLERANCE[torch.float16]
 

@@ -339,6 +339,21 @@ def test_triton_tiles_of_one_or_two_kv_blocks_match_reference(pair, alpha_ns):
 
 
 @needs_triton
+@pytest.mark.parametrize("sharp", [False, True])
+def test_triton_tensor_descriptor_loads_match_reference(sharp):
+    """KV blocks loaded as whole boxes through tensor descriptors: a partial block's box runs into the next
+    block (or past N, zero-filled), and those rows must get no weight."""
+    from longedit.kernels.isa import isa_attention_triton
+
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in structured_qkv(1, 2, 333, 32, 16, seed=12))
+    plan = plan_isa(q, k, v, 117, 333, block_size=16, alpha_s=0.5, alpha_f=0.4, alpha_ns=0.2)
+    assert (plan.layout.count < 16).sum() == 2  # partial blocks at the end of both segments
+    out = isa_attention_triton(q, k, v, plan, sharp=sharp, config={"TMA": True, "BLOCK_P": 16},
+                               out=isa_attention_reference(q, k, v, plan) if not sharp else None)
+    assert rel_l2(out, isa_attention_reference(q, k, v, plan)) <= 1e-5
+
+
+@needs_triton
 @pytest.mark.parametrize("n, ctx, size", [(333, (117, 333), 16), (200, (0, 0), 64), (97, (3, 40), 16)])
 def test_triton_pooling_matches_reference(n, ctx, size):
     """Block means with partial blocks on either side of the context, from a strided [B, H, N, d] view."""
