@@ -65,7 +65,7 @@ def main() -> int:
     import_pack()
     from longedit.kernels import isa_attention, plan_isa_fast
     from longedit.kernels import isa_reference as ref
-    from longedit.kernels.isa import isa_attention_triton, pool_blocks_triton
+    from longedit.kernels.isa import isa_attention_triton, pool_qkv_triton
     from longedit.kernels.isa_split import (dense_attention, gather_kept_tokens, isa_attention_split,
                                             copy_row_blocks, packed_starts, sharp_rows)
 
@@ -91,7 +91,7 @@ def main() -> int:
              "plan (torch pooling)": bench(lambda: ref.plan_isa(q, k, v, *ctx)),
              "plan (Triton pooling)": bench(lambda: plan_isa_fast(q, k, v, *ctx)),
              "pool q, k, v (torch)": bench(lambda: [ref.pool_blocks(x, layout) for x in (q, k, v)]),
-             "pool q, k, v (Triton)": bench(lambda: [pool_blocks_triton(x, layout) for x in (q, k, v)]),
+             "pool q, k, v (Triton)": bench(lambda: pool_qkv_triton(q, k, v, layout)),
              "pre-selection": bench(lambda: ref.select_kv_blocks(ref.context_saliency(pq, pk, layout), layout, 0.125)),
              "kept scores": bench(lambda: ref.coarse_scores(pq, ref.gather_blocks(pk, kept))),
              "sharpness + routing": bench(lambda: ref.select_exact_queries(ref.query_sharpness(kept_scores, log_counts), 0.5)),

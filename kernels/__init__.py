@@ -55,11 +55,15 @@ def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
 
 def plan_isa_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
                   pool_in_triton: bool = True, **ratios):
-    """`isa_reference.plan_isa`, pooling q, k and v with the Triton twin on CUDA (one pass each)."""
-    pool = None
-    if pool_in_triton and use_triton(q) and all(x.stride(-1) == 1 for x in (q, k, v)):
-        from .isa import pool_blocks_triton as pool
-    return plan_isa(q, k, v, ctx_start, ctx_end, pool=pool, **ratios)
+    """`isa_reference.plan_isa`, pooling q, k and v with the Triton twin on CUDA (one launch)."""
+    pooled = None
+    if pool_in_triton and use_triton(q) and all(x.stride(-1) == 1 for x in (q, k, v)) and q.shape == k.shape == v.shape:
+        from .isa import pool_qkv_triton
+        from .isa_reference import DEFAULT_BLOCK_SIZE, block_layout
+
+        layout = block_layout(q.shape[2], ctx_start, ctx_end, ratios.get("block_size", DEFAULT_BLOCK_SIZE), q.device)
+        pooled = pool_qkv_triton(q, k.to(q.dtype), v.to(q.dtype), layout)
+    return plan_isa(q, k, v, ctx_start, ctx_end, pooled=pooled, **ratios)
 
 
 def isa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,

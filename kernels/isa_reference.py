@@ -267,17 +267,18 @@ def split_queries(exact_query: torch.Tensor, n_sharp: int | None = None) -> tupl
 def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
              block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
              alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS,
-             exact_query: torch.Tensor | None = None, pool=None) -> IsaPlan:
+             exact_query: torch.Tensor | None = None, pooled: tuple | None = None) -> IsaPlan:
     """Everything before attention (steps 1-5 and the near blocks of step 6), computed once in torch.
 
     exact_query (bool [B, H, nb], optional) overrides the sharpness routing; tests use it to compare
-    routings on one input. pool: a twin of `pool_blocks` to use instead (the Triton one on CUDA)."""
+    routings on one input. pooled: (q̄, k̄, v̄) already computed by a twin of `pool_blocks` (the Triton one on
+CUDA)."""
     check_qkv(q, k, v)
     for name, ratio in (("alpha_s", alpha_s), ("alpha_f", alpha_f), ("alpha_ns", alpha_ns)):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ISA: {name} must lie in [0, 1], got {ratio}")
     layout = block_layout(q.shape[2], ctx_start, ctx_end, block_size, device=q.device)
-    pooled_q, pooled_k, pooled_v = ((pool or pool_blocks)(x, layout) for x in (q, k, v))
+    pooled_q, pooled_k, pooled_v = pooled or (pool_blocks(x, layout) for x in (q, k, v))
     kept = select_kv_blocks(context_saliency(pooled_q, pooled_k, layout), layout, alpha_s)
     kept_k = gather_blocks(pooled_k, kept)
     kept_scores = coarse_scores(pooled_q, kept_k)  # [B, H, nb, n_kept]

@@ -110,10 +110,12 @@ def test_row_block_copy_on_cuda_matches_reference(zero_fill):
 
 
 def test_triton_pooling_matches_the_reference():
-    from longedit.kernels.isa import pool_blocks_triton
+    from longedit.kernels.isa import pool_qkv_triton
     from longedit.kernels.isa_reference import block_layout, pool_blocks
 
-    q = structured_qkv(2, 3, 6001, 128, torch.bfloat16, seed=4)[0].transpose(1, 2).contiguous().transpose(1, 2)
+    q, k, v = structured_qkv(2, 3, 6001, 128, torch.bfloat16, seed=4)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
     for ctx in ((3000, 6001), (37, 2100), (6001, 6001)):
         layout = block_layout(6001, *ctx, 64, device="cuda")
-        assert rel_l2(pool_blocks_triton(q, layout), pool_blocks(q, layout)) <= 1e-6
+        for pooled, x in zip(pool_qkv_triton(q, k, v, layout), (q, k, v)):
+            assert rel_l2(pooled, pool_blocks(x, layout)) <= 1e-6

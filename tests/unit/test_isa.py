@@ -357,11 +357,12 @@ def test_triton_tensor_descriptor_loads_match_reference(sharp):
 @pytest.mark.parametrize("n, ctx, size", [(333, (117, 333), 16), (200, (0, 0), 64), (97, (3, 40), 16)])
 def test_triton_pooling_matches_reference(n, ctx, size):
     """Block means with partial blocks on either side of the context, from a strided [B, H, N, d] view."""
-    from longedit.kernels.isa import pool_blocks_triton
+    from longedit.kernels.isa import pool_qkv_triton
 
-    x = structured_qkv(2, 3, n, 48, size, seed=n)[0].transpose(1, 2).contiguous().transpose(1, 2)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in structured_qkv(2, 3, n, 48, size, seed=n))
     layout = block_layout(n, *ctx, size)
-    assert rel_l2(pool_blocks_triton(x, layout), pool_blocks(x, layout)) <= 1e-6
+    for pooled, x in zip(pool_qkv_triton(q, k.contiguous(), v, layout), (q, k, v)):
+        assert rel_l2(pooled, pool_blocks(x, layout)) <= 1e-6
 
 
 @needs_triton
