@@ -65,12 +65,19 @@ class BlockLayout:
     segments: tuple[tuple[int, int, bool], ...]
     context_blocks: tuple[int, int] = (0, 0)
     context_tail_partial: bool = False
-    start32: torch.Tensor | None = None  # int32 copies of start and count for the kernels (made once: the
-    count32: torch.Tensor | None = None  # layout is cached, the conversions would run at every call)
 
     @property
     def n_blocks(self) -> int:
         return self.start.numel()
+
+    # int32 copies for the kernels, made once per cached layout rather than converted at every call
+    @functools.cached_property
+    def start32(self) -> torch.Tensor:
+        return self.start.to(torch.int32)
+
+    @functools.cached_property
+    def count32(self) -> torch.Tensor:
+        return self.count.to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -139,8 +146,6 @@ def _block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int, 
     return BlockLayout(block_size=block_size,
                        start=torch.tensor(starts, dtype=torch.int64, device=device),
                        count=torch.tensor(counts, dtype=torch.int64, device=device),
-                       start32=torch.tensor(starts, dtype=torch.int32, device=device),
-                       count32=torch.tensor(counts, dtype=torch.int32, device=device),
                        is_context=torch.tensor(flags, dtype=torch.bool, device=device),
                        segments=segments, context_blocks=context_blocks,
                        context_tail_partial=bool(context) and counts[context[-1]] < block_size)
@@ -271,8 +276,8 @@ def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, 
     """Everything before attention (steps 1-5 and the near blocks of step 6), computed once in torch.
 
     exact_query (bool [B, H, nb], optional) overrides the sharpness routing; tests use it to compare
-    routings on one input. pooled: (q̄, k̄, v̄) already computed by a twin of `pool_blocks` (the Triton one on
-CUDA)."""
+    routings on one input. pooled: (q̄, k̄, v̄) already computed by a twin of `pool_blocks` (the Triton one
+    on CUDA)."""
     check_qkv(q, k, v)
     for name, ratio in (("alpha_s", alpha_s), ("alpha_f", alpha_f), ("alpha_ns", alpha_ns)):
         if not 0.0 <= ratio <= 1.0:

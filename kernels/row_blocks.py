@@ -1,7 +1,8 @@
 """Triton twin of `row_blocks_reference.copy_row_blocks_reference`: one program copies one run of at most
-BLOCK rows of one (batch, head), d contiguous, so every row moves as whole 16-byte vectors; the index
-lists are tiny next to the rows they move. On an H200 this beats torch's advanced indexing, which moves
-one element per thread and, for the kept KV tokens, needs a device round trip to count them."""
+BLOCK rows of one (batch, head), d contiguous, so every row moves as whole vectors; the index lists are
+tiny next to the rows they move, and unlike boolean-mask indexing nothing needs a device round trip.
+Measured on an H200 (bench/isa_breakdown.py, 1x12x65,520): packing the kept K and V tokens, 2 x 113 MB,
+0.15 ms."""
 from __future__ import annotations
 
 import torch

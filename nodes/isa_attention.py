@@ -71,7 +71,8 @@ class IsaSparseAttention(io.ComfyNode):
                                tooltip="Share of context KV blocks kept, ranked by how much the generated tokens "
                                        "attend to them."),
                 io.Float.Input("alpha_f", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of query blocks (the sharpest) that take exact attention; 1 is exact."),
+                               tooltip="Share of query blocks (the sharpest) that take exact attention; 1 is exact. "
+                                       "The main speed/accuracy knob: lower is faster and less exact."),
                 io.Float.Input("alpha_ns", default=0.0625, min=0.0, max=1.0, step=0.005,
                                tooltip="For the other query blocks, share of kept KV blocks still attended exactly; "
                                        "the rest enter as one block-mean token each."),
