@@ -56,6 +56,11 @@ def test_inversion_trajectory_matches_the_reference_at_every_kept_step(unet_pair
           f"(t={kept[errors.index(max(errors))]}), at t=981 {errors[0]:.2e}")
     assert max(errors) <= 1e-3
     assert torch.allclose(inversion.latents_at(STEPS), x0, rtol=2 ** -10, atol=0)
+    # the sampler (KSamplerAdvanced, ddim_uniform, 50 steps) asks for exactly these rows, in order
+    import comfy.samplers
+
+    sampler_sigmas = comfy.samplers.calculate_sigmas(unet_pair.base.model_sampling, "ddim_uniform", STEPS)
+    assert [inversion.step_of(float(s)) for s in sampler_sigmas[:-1]] == list(range(STEPS))
 
     # run_tokenflow/run.py: eps from the noisiest saved latent, then add_noise(x0, eps, timesteps[0])
     top = max(saved)
