@@ -158,8 +158,9 @@ def ddim_invert(latents: torch.Tensor, sigmas: np.ndarray, eps: EpsFn, frames_pe
         for j in range(len(grid)):
             if j > 0:
                 prev, nxt = float(grid[j - 1]), float(grid[j])
-                vp_prev_at_next = x * float(np.sqrt((1 + nxt ** 2) / (1 + prev ** 2)))
-                x = x + (nxt - prev) * eps(vp_prev_at_next, nxt).float().to(x.device)
+                # the sampler-space latent at sigma_next whose VP latent (what the UNet sees) is x_prev's
+                x_same_vp = x * float(np.sqrt((1 + nxt ** 2) / (1 + prev ** 2)))
+                x = x + (nxt - prev) * eps(x_same_vp, nxt).float().to(x.device)
                 done += len(x)
                 if on_progress is not None:
                     on_progress(done)
