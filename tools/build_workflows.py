@@ -24,10 +24,17 @@ import importlib.util
 import json
 import re
 import sys
-import tomllib  # Python >= 3.11 for this tool (the pack itself needs 3.10)
 import urllib.request
 import uuid
 from pathlib import Path
+
+try:
+    from tomllib import loads as toml_loads
+except ModuleNotFoundError:  # Python 3.10: tomlkit (it comes with comfy-cli, see requirements-test.txt)
+    import tomlkit
+
+    def toml_loads(text: str) -> dict:
+        return tomlkit.parse(text).unwrap()
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -51,7 +58,7 @@ CORE_PACK = "comfy-core"  # what the frontend and ComfyUI-Manager call ComfyUI's
 
 def pack_properties(pyproject: Path = REPO / "pyproject.toml") -> tuple[dict, dict]:
     """(this pack's node properties, ComfyUI core's) from pyproject.toml, in the frontend's key order."""
-    meta = tomllib.loads(pyproject.read_text())
+    meta = toml_loads(pyproject.read_text())
     project, comfy = meta["project"], meta["tool"]["comfy"]
     repository = re.fullmatch(r"https://github\.com/([^/]+/[^/#?]+?)/?", project["urls"]["Repository"])
     tested = re.fullmatch(r">=\s*(\d+\.\d+\.\d+)", comfy["requires-comfyui"])

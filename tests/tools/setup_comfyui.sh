@@ -28,7 +28,7 @@ TORCH_VERSION=${LONGEDIT_TORCH_VERSION:-2.13.0}
 
 die() { echo "setup_comfyui: $*" >&2; exit 1; }
 say() { echo "setup_comfyui: $*"; }
-absolute() { mkdir -p "$1" && (cd "$1" && pwd -P); }
+absolute() { realpath -m "$1"; }
 
 SOURCE=${1:-}
 [ -n "$SOURCE" ] || die "usage: setup_comfyui.sh SOURCE [COMFY_DIR] [VENV] (SOURCE: a ComfyUI tarball, git URL or checkout)"
@@ -49,6 +49,7 @@ for target in "$COMFY_DIR" "$VENV"; do
     "$REPO"/*) die "$target is inside this repository ($REPO); put ComfyUI and its venv outside it" ;;
   esac
 done
+mkdir -p "$(dirname "$COMFY_DIR")"
 
 # --- 1. the source -------------------------------------------------------------------------------------
 unpack_tarball() {  # tarball -> COMFY_DIR, through a temporary sibling so an interrupted run leaves nothing
@@ -58,7 +59,7 @@ unpack_tarball() {  # tarball -> COMFY_DIR, through a temporary sibling so an in
   strip=$(awk -F/ '{print NF - 1}' <<<"${main#./}")
   staging=$(mktemp -d "$(dirname "$COMFY_DIR")/.comfyui-unpack.XXXXXX")
   tar -xf "$tarball" -C "$staging" --strip-components="$strip"
-  rmdir "$COMFY_DIR" 2>/dev/null || true
+  [ ! -e "$COMFY_DIR" ] || rmdir "$COMFY_DIR" 2>/dev/null || true
   [ ! -e "$COMFY_DIR" ] || { rm -rf "$staging"; die "$COMFY_DIR exists and holds no ComfyUI; remove it or pick another folder"; }
   mv "$staging" "$COMFY_DIR"
 }
@@ -70,13 +71,14 @@ elif [ -f "$SOURCE" ]; then
   unpack_tarball "$SOURCE"
 elif is_checkout "$SOURCE"; then
   say "copying the checkout $SOURCE into $COMFY_DIR"
+  mkdir -p "$COMFY_DIR"
   (cd "$SOURCE" && tar --exclude=./.git --exclude=./venv --exclude=./.venv --exclude=./models -cf - .) \
     | tar -xf - -C "$COMFY_DIR"
   mkdir -p "$COMFY_DIR/models"
 else  # a git URL or git directory
   say "cloning $SOURCE${COMFYUI_REF:+ at $COMFYUI_REF} into $COMFY_DIR"
-  rmdir "$COMFY_DIR" 2>/dev/null || true
-  git clone -q --depth 1 ${COMFYUI_REF:+--branch "$COMFYUI_REF"} "$SOURCE" "$COMFY_DIR"
+  [ ! -e "$COMFY_DIR" ] || rmdir "$COMFY_DIR" 2>/dev/null || true
+  git -c advice.detachedHead=false clone -q --depth 1 ${COMFYUI_REF:+--branch "$COMFYUI_REF"} "$SOURCE" "$COMFY_DIR"
 fi
 is_checkout "$COMFY_DIR" || die "$COMFY_DIR holds no ComfyUI main.py and requirements.txt after fetching $SOURCE"
 

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -20,11 +19,19 @@ from packaging.specifiers import SpecifierSet
 
 from longedit.cli.workflow_format import EXTENSION_WIDGETS, NOTE_TYPES
 
+try:
+    from tomllib import loads as toml_loads
+except ModuleNotFoundError:  # Python 3.10: tomlkit comes with comfy-cli
+    import tomlkit
+
+    def toml_loads(text: str) -> dict:
+        return tomlkit.parse(text).unwrap()
+
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 TESTED_COMFYUI = "0.3.64"  # the ComfyUI the integration tiers run (../shared/vendor tarball in CI)
-PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+PYPROJECT = toml_loads((REPO / "pyproject.toml").read_text())
 
 # The frontend's schema for a node's pack properties (workflowSchema.ts): zCnrId, zAuxId, zVersion.
 REPO_LIKE_ID = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9._-]*[a-zA-Z0-9])?$")
