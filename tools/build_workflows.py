@@ -57,7 +57,7 @@ CORE_PACK = "comfy-core"  # what the frontend and ComfyUI-Manager call ComfyUI's
 
 
 def pack_properties(pyproject: Path = REPO / "pyproject.toml") -> tuple[dict, dict]:
-    """(this pack's node properties, ComfyUI core's) from pyproject.toml, in the frontend's key order."""
+    """(this pack's node properties, ComfyUI core's) from pyproject.toml."""
     meta = toml_loads(pyproject.read_text())
     project, comfy = meta["project"], meta["tool"]["comfy"]
     repository = re.fullmatch(r"https://github\.com/([^/]+/[^/#?]+?)/?", project["urls"]["Repository"])
@@ -360,7 +360,8 @@ def ui_node(spec: dict, info: dict, links: list[list]) -> dict:
             "inputs": inputs, "outputs": outputs}
     if spec["title"]:
         node["title"] = spec["title"]
-    node["properties"] = {**node_pack(spec["type"], info), "Node name for S&R": spec["type"]}
+    # In this key order frontend 1.27 saves a loaded file unchanged (tools/check_workflows_frontend.py).
+    node["properties"] = {"Node name for S&R": spec["type"], **node_pack(spec["type"], info)}
     if spec["models"]:  # the frontend offers these downloads when the files are missing
         node["properties"]["models"] = [{"name": name, "url": f"{WAN_REPO}/{folder}/{name}?download=true",
                                          "directory": folder} for name, folder in spec["models"]]
