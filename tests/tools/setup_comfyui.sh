@@ -94,8 +94,8 @@ fingerprint() {
     cat "$COMFY_DIR/requirements.txt" "$REPO/requirements.txt"; } | sha256sum | cut -d' ' -f1
 }
 checks() {  # what the tests need from this venv
-  "$VPY" - "$COMFY_DIR" <<'PY'
-import importlib, sys
+  "$VPY" - <<'PY'
+import importlib
 for name in ("torch", "torchvision", "av", "aiohttp", "requests", "comfyui_frontend_package", "safetensors", "einops"):
     importlib.import_module(name)
 PY
