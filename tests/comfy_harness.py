@@ -1,6 +1,8 @@
 """A real ComfyUI server with this pack installed, for the integration and browser tests.
 
-Needs COMFYUI_PATH (a ComfyUI checkout) and, for its Python, COMFYUI_VENV (or the current interpreter).
+Needs COMFYUI_PATH (a ComfyUI checkout) and, for its Python, COMFYUI_VENV (or the current interpreter);
+tests/tools/setup_comfyui.sh sets both up. The random-weight SD2.1 checkpoint the graphs load is written
+into the checkout's models/checkpoints by tests/tools/make_random_sd.py when missing.
 The server runs with `--base-directory` in a temporary folder holding `custom_nodes/longedit` (a link to
 this repository, loaded by ComfyUI's own custom-node loader), fresh input/output/temp folders and a link
 to the checkout's models, so nothing in the checkout or the repository is modified.
@@ -28,22 +30,14 @@ def _comfy_python(comfy: Path) -> str:
     return str(Path(venv) / "bin" / "python") if venv else sys.executable
 
 
-def _ckpt_maker() -> Path | None:
-    for candidate in (os.environ.get("LONGEDIT_COMFY_TOOLS"), REPO.parent / "shared" / "tools" / "comfyui"):
-        if candidate and (Path(candidate) / "make_random_ckpt.py").exists():
-            return Path(candidate) / "make_random_ckpt.py"
-    return None
-
-
-def ensure_checkpoint(comfy: Path, python: str) -> None:
-    target = comfy / "models" / "checkpoints" / CKPT
-    if target.exists():
-        return
-    maker = _ckpt_maker()
-    if maker is None:
-        pytest.skip(f"integration: {target} is missing and make_random_ckpt.py was not found "
-                    "(set LONGEDIT_COMFY_TOOLS to the folder holding it)")
-    subprocess.run([python, str(maker), "--comfy", str(comfy), "--arch", "sd21"], check=True)
+def ensure_checkpoint(comfy: Path, python: str | None = None, arch: str = "sd21") -> Path:
+    """models/checkpoints/random_<arch>.safetensors of the checkout, written by tests/tools/make_random_sd.py
+    with `python` (any interpreter with torch; default this one) when missing."""
+    target = comfy / "models" / "checkpoints" / f"random_{arch}.safetensors"
+    if not target.exists():
+        subprocess.run([python or sys.executable, str(REPO / "tests" / "tools" / "make_random_sd.py"),
+                        "--arch", arch, "--out", str(target)], check=True)
+    return target
 
 
 class ComfyServer:
@@ -121,12 +115,13 @@ def start_comfy(base: Path) -> ComfyServer:
     """Start ComfyUI on a free loopback port with `base` as its base directory; skip if not available."""
     root = os.environ.get("COMFYUI_PATH")
     if not root:
-        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")
+        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; "
+                    "tests/tools/setup_comfyui.sh sets one up; see README 'Tests')")
     comfy_dir = Path(root)
     if not (comfy_dir / "main.py").exists():
         pytest.skip(f"integration tier: COMFYUI_PATH={root} holds no ComfyUI main.py")
     python = _comfy_python(comfy_dir)
-    ensure_checkpoint(comfy_dir, python)
+    ensure_checkpoint(comfy_dir)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "longedit").symlink_to(REPO, target_is_directory=True)
     (base / "models").symlink_to(comfy_dir / "models", target_is_directory=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install what the tests need into .venv (CPU torch if none is installed) and run every tier:
-# unit always, integration when COMFYUI_PATH points at a ComfyUI checkout, gpu when CUDA is present.
-# Extra arguments go to pytest, e.g. `bash tests/run.sh tests/unit -x`.
+# Install what the tests need into .venv (CPU torch if none is installed) and run every tier: unit always;
+# integration, reference and browser when COMFYUI_PATH points at a ComfyUI checkout (with COMFYUI_VENV; set
+# one up with tests/tools/setup_comfyui.sh), else they skip, or fail under CI=true; gpu when CUDA is present.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh tests/unit -x`. `bash .ci/run` does the whole setup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

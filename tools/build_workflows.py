@@ -4,7 +4,14 @@ The descriptions below name nodes, their links and the widget values that differ
 everything else (input order, widget order, default values, output names and types, titles) comes from a
 running ComfyUI's /object_info with this pack installed, so the files are what ComfyUI's frontend (1.27)
 would save for the same graph. The API twin is converted from the UI file by the same rules as the
-frontend's Export (API). Output is deterministic: same object_info, same bytes.
+frontend's Export (API), less the inputs that frontend extensions add to core nodes and the nodes do not
+declare (PreviewAny's `preview`): the server ignores them, and /prompt clients should not have to.
+Output is deterministic: same object_info and pyproject.toml, same bytes.
+
+Every node carries its pack in `properties`, as ComfyUI-Manager and the frontend's missing-nodes dialog
+read it: this pack's nodes `cnr_id` (the Registry id, [project].name), `aux_id` (GitHub owner/repo of
+[project.urls].Repository) and `ver` ([project].version); ComfyUI's own nodes `cnr_id: comfy-core` and the
+ComfyUI version the pack is tested with (the lower bound of [tool.comfy].requires-comfyui).
 
     python tools/build_workflows.py --server http://127.0.0.1:8188          # write the files
     python tools/build_workflows.py --server http://127.0.0.1:8188 --check  # exit 1 if they differ
@@ -15,10 +22,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 import urllib.request
 import uuid
 from pathlib import Path
+
+try:
+    from tomllib import loads as toml_loads
+except ModuleNotFoundError:  # Python 3.10: tomlkit (it comes with comfy-cli, see requirements-test.txt)
+    import tomlkit
+
+    def toml_loads(text: str) -> dict:
+        return tomlkit.parse(text).unwrap()
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -36,6 +52,24 @@ def _load_format():
 
 
 fmt = _load_format()
+
+CORE_PACK = "comfy-core"  # what the frontend and ComfyUI-Manager call ComfyUI's built-in nodes
+
+
+def pack_properties(pyproject: Path = REPO / "pyproject.toml") -> tuple[dict, dict]:
+    """(this pack's node properties, ComfyUI core's) from pyproject.toml."""
+    meta = toml_loads(pyproject.read_text())
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    repository = re.fullmatch(r"https://github\.com/([^/]+/[^/#?]+?)/?", project["urls"]["Repository"])
+    tested = re.fullmatch(r">=\s*(\d+\.\d+\.\d+)", comfy["requires-comfyui"])
+    if not repository or not tested:
+        raise SystemExit("pyproject.toml: [project.urls].Repository must be https://github.com/OWNER/REPO and "
+                         "[tool.comfy].requires-comfyui '>=X.Y.Z'")
+    return ({"cnr_id": project["name"], "aux_id": repository.group(1), "ver": project["version"]},
+            {"cnr_id": CORE_PACK, "ver": tested.group(1)})
+
+
+PACK_PROPERTIES, CORE_PROPERTIES = pack_properties()
 
 
 def node(id, type, pos, values=None, links=None, title=None, size=None, models=None):
@@ -326,7 +360,8 @@ def ui_node(spec: dict, info: dict, links: list[list]) -> dict:
             "inputs": inputs, "outputs": outputs}
     if spec["title"]:
         node["title"] = spec["title"]
-    node["properties"] = {"Node name for S&R": spec["type"]}
+    # In this key order frontend 1.27 saves a loaded file unchanged (tools/check_workflows_frontend.py).
+    node["properties"] = {"Node name for S&R": spec["type"], **node_pack(spec["type"], info)}
     if spec["models"]:  # the frontend offers these downloads when the files are missing
         node["properties"]["models"] = [{"name": name, "url": f"{WAN_REPO}/{folder}/{name}?download=true",
                                          "directory": folder} for name, folder in spec["models"]]
@@ -334,6 +369,22 @@ def ui_node(spec: dict, info: dict, links: list[list]) -> dict:
     # saving a file leaves it unchanged (a node created in the editor omits the key until then).
     node["widgets_values"] = widget_values(spec, info)
     return node
+
+
+def node_pack(node_type: str, info: dict) -> dict:
+    """The pack properties of a node: this pack's for a node loaded from custom_nodes, else ComfyUI's."""
+    module = info.get("python_module")
+    if module is None:
+        raise SystemExit(f"{node_type}: /object_info gives no python_module (ComfyUI too old?)")
+    return dict(PACK_PROPERTIES if module.startswith("custom_nodes.") else CORE_PROPERTIES)
+
+
+def without_extension_inputs(prompt: dict) -> dict:
+    """The API prompt less the inputs frontend extensions add to core nodes (fmt.EXTENSION_WIDGETS)."""
+    for entry in prompt.values():
+        for name in fmt.EXTENSION_WIDGETS.get(entry["class_type"], {}):
+            entry["inputs"].pop(name, None)
+    return prompt
 
 
 def note_node(spec: dict) -> dict:
@@ -374,7 +425,8 @@ def build_all(object_info: dict) -> dict[Path, str]:
     for name, graph in GRAPHS.items():
         ui = build_ui(name, graph(), object_info)
         files[WORKFLOWS / f"{name}.json"] = dump(ui)
-        files[WORKFLOWS / "api" / f"{name}.json"] = dump(fmt.js_numbers(fmt.ui_to_api(ui, object_info)))
+        api = without_extension_inputs(fmt.ui_to_api(ui, object_info))
+        files[WORKFLOWS / "api" / f"{name}.json"] = dump(fmt.js_numbers(api))
     return files
 
 
