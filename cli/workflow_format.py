@@ -128,7 +128,7 @@ def _widget_inputs(node: dict, info: dict) -> dict:
                             f"defines {len(names)} widgets ({', '.join(names)}); the workflow was saved with "
                             "another version of the node")
     inputs = {name: value for name, value in zip(names, values) if name not in (CONTROL_WIDGET, UPLOAD_WIDGET)}
-    return {**inputs, **EXTENSION_WIDGETS.get(node["type"], {})}
+    return inputs
 
 
 def with_api_values(workflow: dict, prompt: dict, object_info: dict) -> dict:
@@ -187,7 +187,10 @@ def _check_value(prompt, object_info, name, kind, options, value, file_inputs) -
         return []
     choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
     if choices is not None:
-        files = not choices or any(options.get(flag) for flag in UPLOAD_FLAGS) or _looks_like_files(choices)
+        # a model file chosen where this ComfyUI has none of that kind yet (VAELoader then offers only
+        # 'pixel_space') is a missing file, checked with `file_inputs`, not a bad choice
+        files = (not choices or any(options.get(flag) for flag in UPLOAD_FLAGS) or _looks_like_files(choices)
+                 or _looks_like_files([value]))
         if value not in choices and (file_inputs or not files):
             return [f"input '{name}' = {value!r} is not one of {choices[:8]}"]
         return []

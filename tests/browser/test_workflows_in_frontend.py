@@ -37,7 +37,7 @@ UMT5_STAND_IN = "random_umt5_xxl_fp8_e4m3fn.safetensors"
 # Random-weight files that stand in for the models a workflow names, when this ComfyUI has them:
 # (widget, names it stands in for (regex), stand-in, models folder, what writes it).
 STAND_INS = [
-    ("ckpt_name", r".", CKPT, "checkpoints", "make_random_ckpt.py, see README 'Tests'"),
+    ("ckpt_name", r".", CKPT, "checkpoints", "tests/tools/make_random_sd.py, see README 'Tests'"),
     ("unet_name", r"wan", "random_wan21_1.3B.safetensors", "diffusion_models", "tests/tools/make_random_wan.py"),
     ("clip_name", r"umt5", UMT5_STAND_IN, "text_encoders", "tests/tools/make_random_wan_text.py"),
     ("vae_name", r"wan", "random_wan21_vae.safetensors", "vae", "tests/tools/make_random_wan_text.py"),
