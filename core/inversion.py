@@ -1,13 +1,25 @@
-"""DDIM inversion in the sampler's sigma space, with the whole trajectory kept on disk.
+"""DDIM inversion as the authors' code does it, in the sampler's sigma space, the trajectory kept on disk.
 
-ComfyUI samples in the variance-exploding parameterisation x_sigma = x0 + sigma * eps, where deterministic
-DDIM is the Euler step x' = x + (sigma' - sigma) * eps_hat(x, sigma). Inversion walks the same sigmas
-upwards, estimating eps at the next (noisier) sigma from the current latent, as DDIM inversion does
-(Song et al.; TokenFlow's preprocess). The latent at every sigma of the schedule is stored, so that the
-editing pass can run the unedited "source" branch at exactly the latent the sampler will see.
+ComfyUI samples in the variance-exploding parameterisation x = x_vp / sqrt(alpha_bar), sigma^2 =
+(1 - alpha_bar) / alpha_bar, where its deterministic DDIM is the Euler step x' = x + (sigma' - sigma) * eps and
+the UNet sees x * c_in(sigma) = x_vp. The reference inversion (TokenFlow's and AdaFlow's preprocess.py)
+walks the alpha_bar grid upwards from the clean latent, which it treats as sitting at alpha_bar(t=0)
+(SD: sigma ~ 0.029, not 0), and at each step evaluates eps at the NEXT timestep on the PREVIOUS latent as it
+is (VP scale):
 
-The trajectory is float16 [steps + 1, frames, c, h, w] in schedule order (index 0: the largest sigma,
-the sampler's start; index `steps`: sigma 0, the clean latents), memory-mapped when large.
+    eps = eps_theta(x_vp_prev, t_next);  x0_hat = (x_vp_prev - sqrt(1 - a_prev) eps) / sqrt(a_prev)
+    x_vp_next = sqrt(a_next) x0_hat + sqrt(1 - a_next) eps
+
+In sampler space that is x_next = x_prev + (sigma_next - sigma_prev) * eps with eps = the model's estimate at
+sigma_next for the sampler-space latent x_prev * sqrt((1 + sigma_next^2) / (1 + sigma_prev^2)) (that latent
+times c_in(sigma_next) is x_vp_prev), starting from x0 * sqrt(1 + sigma_clean^2).
+
+The inversion runs on its own, finer grid (the reference: 100 steps) which contains every sigma of the
+sampler's schedule; the latents at the sampler's sigmas are kept, so that the editing pass runs the
+unedited "source" branch at exactly the latent the sampler will see. The trajectory is float16
+[steps + 1, frames, c, h, w] in the sampler's schedule order (index 0: its largest sigma; index `steps`:
+sigma 0, the clean latents), memory-mapped when large. The sampler starts, as the reference does, from
+add_noise(x0, eps_top, t_first), eps_top being the noise that takes x0 to the top of the inversion grid.
 """
 from __future__ import annotations
 
@@ -30,10 +42,12 @@ EpsFn = Callable[[torch.Tensor, float], torch.Tensor]  # (x [b, c, h, w], sigma)
 class Inversion:
     """The LONGEDIT_INVERSION object: schedule, trajectory and the source conditioning it was made with."""
 
-    sigmas: np.ndarray  # float64 [steps + 1], descending, last is 0
+    sigmas: np.ndarray  # float64 [steps + 1], the sampler's schedule: descending, last is 0
     trajectory: np.ndarray = field(repr=False)  # float16 [steps + 1, frames, c, h, w]
     source_context: torch.Tensor = field(repr=False)  # [1, tokens, dim]: the conditioning of the source branch
     path: str | None = None
+    start: np.ndarray | None = field(default=None, repr=False)  # float16 [frames, c, h, w]; None: trajectory[0]
+    grid: np.ndarray | None = field(default=None, repr=False)  # float64: the ascending sigmas it walked
 
     @property
     def steps(self) -> int:
@@ -59,14 +73,43 @@ class Inversion:
         data = self.trajectory[step] if frames is None else self.trajectory[step][frames]
         return torch.from_numpy(np.ascontiguousarray(data)).float()
 
+    def start_latents(self, frames: np.ndarray | slice | None = None) -> torch.Tensor:
+        """float32 latents (sampler space) to sample from: add_noise(x0, eps_top, sigmas[0])."""
+        source = self.trajectory[0] if self.start is None else self.start
+        data = source if frames is None else source[frames]
+        return torch.from_numpy(np.ascontiguousarray(data)).float()
 
-def new_trajectory(shape: tuple[int, ...], folder: str | None) -> tuple[np.ndarray, str | None]:
+
+def new_trajectory(shape: tuple[int, ...], folder: str | None,
+                   name: str = "trajectory.npy") -> tuple[np.ndarray, str | None]:
     nbytes = int(np.prod(shape)) * 2
     if folder is None or nbytes <= ON_DISK_BYTES:
         return np.zeros(shape, dtype=np.float16), None
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "trajectory.npy")
+    path = os.path.join(folder, name)
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape), path
+
+
+def inversion_grid(sampler_sigmas: np.ndarray, inversion_sigmas: np.ndarray, clean_sigma: float) -> np.ndarray:
+    """The ascending sigmas the inversion walks: `clean_sigma` (where the clean latent is taken to sit; the
+    reference: sigma at t=0), then every sigma of `inversion_sigmas` (the finer schedule, e.g. 100 steps)
+    and of `sampler_sigmas` above it, merged, so that every latent the sampler asks for is visited."""
+    merged = np.concatenate([np.asarray(sampler_sigmas, np.float64), np.asarray(inversion_sigmas, np.float64)])
+    merged = np.unique(merged[merged > clean_sigma * (1 + 1e-6)])
+    keep = np.append(True, np.diff(merged) > 1e-6 * merged[1:])  # one entry per sigma shared by both
+    return np.append(float(clean_sigma), merged[keep])
+
+
+def kept_indices(sigmas: np.ndarray, grid: np.ndarray) -> list[int]:
+    """For each nonzero sampler sigma, its index in the grid; a sigma the grid lacks is an error."""
+    out = []
+    for sigma in sigmas[:-1]:
+        j = int(np.argmin(np.abs(grid - sigma)))
+        if abs(grid[j] - sigma) > 1e-5 * max(1.0, sigma):
+            raise LongEditError(f"The sampler's sigma {sigma:.5f} is not on the inversion grid.",
+                                "build the grid with inversion_grid(), which merges the sampler's sigmas in.")
+        out.append(j)
+    return out
 
 
 def check_disk(folder: str, nbytes: int) -> None:
@@ -82,36 +125,54 @@ def check_disk(folder: str, nbytes: int) -> None:
 def ddim_invert(latents: torch.Tensor, sigmas: np.ndarray, eps: EpsFn, frames_per_chunk: int,
                 folder: str | None = None, source_context: torch.Tensor | None = None,
                 on_progress: Callable[[int], None] | None = None,
-                device: torch.device | str | None = None) -> Inversion:
-    """Invert clean sampler-space latents [N, c, h, w] along `sigmas` (descending, ending at 0).
+                device: torch.device | str | None = None, grid: np.ndarray | None = None) -> Inversion:
+    """Invert clean sampler-space latents [N, c, h, w] along `grid`, keeping the latents at `sigmas`.
 
-    `eps(x, sigma)` returns the model's noise estimate. Frames are processed `frames_per_chunk` at a time
+    `sigmas`: the sampler's schedule (descending, ending at 0). `grid`: the ascending sigmas to invert along
+    (see inversion_grid; grid[0] is where the clean latent sits, the reference's sigma at t=0); by default
+    the sampler's own sigmas above a clean latent at sigma 0. `eps(x, sigma)` returns the model's noise
+    estimate for sampler-space latents `x` at `sigma`. Frames are processed `frames_per_chunk` at a time
     through all steps, on `device` (the model's; default: where the latents are); `on_progress(done)`
     counts frame-steps.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or np.any(np.diff(sigmas) >= 0):
         raise LongEditError("The sigma schedule must be descending and end at 0.", "use a standard scheduler.")
+    grid = np.append(0.0, sigmas[-2::-1]) if grid is None else np.asarray(grid, dtype=np.float64)
+    if grid.ndim != 1 or len(grid) < 2 or grid[0] < 0 or np.any(np.diff(grid) <= 0):
+        raise LongEditError("The inversion grid must be ascending sigmas from the clean latent's.",
+                            "build it with inversion_grid().")
     steps = len(sigmas) - 1
+    kept = dict(zip(kept_indices(sigmas, grid), range(steps)))  # grid index -> trajectory row
     shape = (steps + 1, *latents.shape)
     if folder is not None:
-        check_disk(folder, int(np.prod(shape)) * 2)
+        check_disk(folder, int(np.prod(shape)) * 2 + int(np.prod(latents.shape)) * 2)
     trajectory, path = new_trajectory(shape, folder)
+    start, _ = new_trajectory(tuple(latents.shape), folder, "start.npy")
     done = 0
     for i0 in range(0, latents.shape[0], frames_per_chunk):
-        x = latents[i0:i0 + frames_per_chunk].float().to(device or latents.device)
-        trajectory[steps, i0:i0 + len(x)] = x.cpu().numpy()
-        for i in range(steps, 0, -1):  # sigma_i -> sigma_{i-1}, upwards
-            sigma_next = float(sigmas[i - 1])
-            x = x + (sigma_next - float(sigmas[i])) * eps(x, sigma_next).float().to(x.device)
-            trajectory[i - 1, i0:i0 + len(x)] = x.cpu().numpy()
-            done += len(x)
-            if on_progress is not None:
-                on_progress(done)
-    if isinstance(trajectory, np.memmap):
-        trajectory.flush()
+        x0 = latents[i0:i0 + frames_per_chunk].float().to(device or latents.device)
+        rows = slice(i0, i0 + len(x0))
+        trajectory[steps, rows] = x0.cpu().numpy()
+        x = x0 * float(np.sqrt(1 + grid[0] ** 2))  # the clean latent as a VP latent at grid[0]
+        for j in range(len(grid)):
+            if j > 0:
+                prev, nxt = float(grid[j - 1]), float(grid[j])
+                vp_prev_at_next = x * float(np.sqrt((1 + nxt ** 2) / (1 + prev ** 2)))
+                x = x + (nxt - prev) * eps(vp_prev_at_next, nxt).float().to(x.device)
+                done += len(x)
+                if on_progress is not None:
+                    on_progress(done)
+            if j in kept:
+                trajectory[kept[j], rows] = x.cpu().numpy()
+        # add_noise(x0, eps_top, t_first) in sampler space, eps_top = (x_top - x0) / sigma_top
+        start[rows] = (x0 + (float(sigmas[0]) / float(grid[-1])) * (x - x0)).cpu().numpy()
+    for array in (trajectory, start):
+        if isinstance(array, np.memmap):
+            array.flush()
     context = source_context if source_context is not None else torch.zeros(1, 1, 1)
-    return Inversion(sigmas=sigmas, trajectory=trajectory, source_context=context.cpu(), path=path)
+    return Inversion(sigmas=sigmas, trajectory=trajectory, start=start, grid=grid, source_context=context.cpu(),
+                     path=path)
 
 
 @torch.no_grad()

@@ -12,12 +12,21 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..core.errors import LongEditError
-from ..core.inversion import ddim_invert
+from ..core.inversion import ddim_invert, inversion_grid
 from ..core.memory import frames_per_chunk
 from ..core.run_plan import RunPlan, check_resources
 from .comfy_glue import Progress, check_sd_unet, scratch_dir
 
 InversionType = io.Custom("LONGEDIT_INVERSION")
+
+
+def inversion_schedule(model_sampling, scheduler: str, steps: int, inversion_steps: int):
+    """(the sampler's sigmas, the inversion grid): the grid starts where the reference takes the clean latent
+    to sit, sigma at t=0 (alpha_bar_0, DDIMScheduler's final_alpha_cumprod with set_alpha_to_one False),
+    and merges the sampler's sigmas into `inversion_steps` steps of the same scheduler."""
+    sampler = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu().double().numpy()
+    finer = comfy.samplers.calculate_sigmas(model_sampling, scheduler, inversion_steps).cpu().double().numpy()
+    return sampler, inversion_grid(sampler, finer, float(model_sampling.sigma_min))
 
 
 def make_eps(model, context: torch.Tensor):
@@ -45,9 +54,10 @@ class AdaFlowInvert(io.ComfyNode):
             display_name="AdaFlow Invert (DDIM)",
             category="LongEdit/adaflow",
             description=(
-                "DDIM-inverts the video latents along the sampler's sigma schedule and keeps the latent at every "
-                "step (float16, on disk under ComfyUI's temp directory): the source branch of the edit replays "
-                "it for plug-and-play structure injection. Sample the output LATENT with KSamplerAdvanced "
+                "DDIM-inverts the video latents as AdaFlow/TokenFlow do (a finer grid, by default 100 steps, the "
+                "clean latent at t=0) and keeps the latent at every step of the sampler's schedule (float16, on "
+                "disk under ComfyUI's temp directory): the source branch of the edit replays it for "
+                "plug-and-play structure injection. Sample the output LATENT with KSamplerAdvanced "
                 "(add_noise disable, same steps and scheduler, start_at_step 0, sampler ddim or euler)."),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x/SD2.x MODEL of the edit (AdaFlow uses SD2.1-base)."),
@@ -59,6 +69,9 @@ class AdaFlowInvert(io.ComfyNode):
                              tooltip="Sampling steps; KSamplerAdvanced must use the same number."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
                                tooltip="Sigma schedule; KSamplerAdvanced must use the same one."),
+                io.Int.Input("inversion_steps", default=100, min=1, max=1000,
+                             tooltip="DDIM inversion steps (AdaFlow: 100). The sampler's own sigmas are "
+                                     "always visited too; more steps invert more exactly, at their cost."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The inverted latents: sample from these."),
@@ -68,7 +81,7 @@ class AdaFlowInvert(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latent, source_prompt, steps, scheduler) -> io.NodeOutput:
+    def execute(cls, model, latent, source_prompt, steps, scheduler, inversion_steps=100) -> io.NodeOutput:
         check_sd_unet(model, "AdaFlow Invert")
         samples = latent["samples"]
         if samples.ndim != 4:
@@ -79,19 +92,19 @@ class AdaFlowInvert(io.ComfyNode):
         plan = RunPlan(frames=samples.shape[0], latent_shape=tuple(samples.shape[1:]), steps=steps)
         check_resources(plan, scratch_dir())  # refuse up front, with the numbers
         logging.info(plan.describe())
-        sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, scheduler, steps).cpu().double().numpy()
+        sigmas, grid = inversion_schedule(base.model_sampling, scheduler, steps, inversion_steps)
         context = source_prompt[0][0][:1].float()
         per_frame = model.memory_required([1, *samples.shape[1:]])
         mm.load_models_gpu([model], memory_required=per_frame)
         chunk = frames_per_chunk(mm.get_free_memory(mm.get_torch_device()), per_frame, 1)
-        progress = Progress(samples.shape[0] * steps)
+        progress = Progress(samples.shape[0] * (len(grid) - 1))
 
         def on_progress(done: int) -> None:
             progress.check()
             progress.update(done)
 
         inversion = ddim_invert(base.process_latent_in(samples.float()), sigmas, make_eps(model, context), chunk,
-                                folder=folder,
-                                source_context=context, on_progress=on_progress, device=mm.get_torch_device())
-        start = base.process_latent_out(inversion.latents_at(0))
+                                folder=folder, source_context=context, on_progress=on_progress,
+                                device=mm.get_torch_device(), grid=grid)
+        start = base.process_latent_out(inversion.start_latents())
         return io.NodeOutput({"samples": start}, inversion)
