@@ -412,3 +412,19 @@ def test_source_batch_uses_this_steps_latents_and_each_layer_records_its_own_out
     assert set(layout.record) == {name for name, _, _ in LAYERS}
     outs = [layout.record[name] for name, _, _ in LAYERS]
     assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1:] if a.shape == b.shape)
+
+
+def test_a_float_chunk_size_from_a_host_estimate_is_accepted(setup):
+    """ComfyUI's memory_required is a float, so a chunk size derived from it can be one (seen on the
+    reference tier when device memory bounds the chunk): the editor runs the same chunks as with the int."""
+    model, plan, inversion, x, context = setup
+    sigma = torch.full((BRANCHES * FRAMES,), float(SIGMAS[1]))
+    outs = []
+    for chunk in (3, 3.7):
+        editor = KeyframeEditor(inversion, plan, PNP_ATTN_T, PNP_F_T, kv_budget=BUDGET, propagate=True)
+        editor.chunk_frames = chunk
+        calls = []
+        inner = run_under_test(model)
+        outs.append(editor(lambda *a: calls.append(a[0].shape[0]) or inner(*a), x, sigma, context, BRANCHES))
+        assert calls[1:] == [3 * 3] * (len(calls) - 2) + [calls[-1]]
+    assert torch.equal(outs[0], outs[1])
