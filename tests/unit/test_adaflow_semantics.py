@@ -428,3 +428,21 @@ def test_a_float_chunk_size_from_a_host_estimate_is_accepted(setup):
         outs.append(editor(lambda *a: calls.append(a[0].shape[0]) or inner(*a), x, sigma, context, BRANCHES))
         assert calls[1:] == [3 * 3] * (len(calls) - 2) + [calls[-1]]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_without_a_source_branch_every_branch_attends_across_its_keyframes():
+    """The layout without a source (no PnP possible): each branch's keyframes attend to all of that branch's
+    keyframe tokens, against the float64 transcription."""
+    frames, tokens, heads_width, branches = 3, 5, HEADS * 8, 2
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(branches * frames, tokens, heads_width, generator=g) for _ in range(3))
+    layout = PassLayout(frames=frames, branches=branches, has_source=False, inject_qk=True, inject_conv=False)
+    out = adaflow_self_attention(q, k, v, HEADS, layout, pnp_layer=True).view(branches, frames, tokens, -1)
+    for b in range(branches):
+        rows = slice(b * frames, (b + 1) * frames)
+        keys, values = k[rows].reshape(-1, heads_width), v[rows].reshape(-1, heads_width)
+        for f in range(frames):
+            expected = softmax_attention64(q[b * frames + f], keys, values)
+            assert rel_error(out[b, f], expected) < TOLERANCE
+    with pytest.raises(ValueError, match="batch 5 is not 2 branches x 3 frames"):
+        adaflow_self_attention(q[:5], k[:5], v[:5], HEADS, layout, pnp_layer=True)

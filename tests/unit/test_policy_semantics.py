@@ -267,3 +267,23 @@ def test_correspondences_and_aas_scores_follow_the_matching_rule(written):
                             for a in range(n)])
     assert np.allclose(plan.aas_scores.astype(np.float64), expected.numpy(), atol=2e-3)  # float16 storage
     assert not np.allclose(plan.aas_scores.astype(np.float64), expected.transpose(0, 1).numpy(), atol=2e-3)
+
+
+def test_a_swap_of_small_latents_is_caught_by_the_fingerprint(written):
+    """The fingerprint tolerance is relative to the latents' own scale: latents a thousand times smaller,
+    two frames swapped, are still refused (a tolerance with an absolute floor would let them through)."""
+    frames, shape, steps, inversion, plan = written
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(frames, *shape, generator=g)  # the fixture's latents
+    small = replace_latents_scale(plan, latents, 1e-3)
+    small.check_latents(latents * 1e-3)
+    with pytest.raises(LongEditError, match="first at frame 3"):
+        small.check_latents((latents * 1e-3)[[0, 1, 2, 4, 3, *range(5, frames)]])
+
+
+def replace_latents_scale(plan, latents, scale):
+    from dataclasses import replace
+
+    from longedit.core.keyframes import latent_fingerprint
+
+    return replace(plan, fingerprint=latent_fingerprint(latents * scale))
