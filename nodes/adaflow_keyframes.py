@@ -95,12 +95,13 @@ class AdaFlowKeyframeSelection(io.ComfyNode):
                                        "this (something appeared or vanished). Higher: more clips."),
                 io.Int.Input("max_clip_length", default=400, min=1, max=100_000,
                              tooltip="Longest clip in frames (AdaFlow uses 400 at 384x672)."),
-                io.Int.Input("feature_timestep", default=50, min=0, max=999,
-                             tooltip="Diffusion timestep the latents are noised to for DIFT features; low values "
-                                     "favour geometric matches between frames (AdaFlow's code uses 0)."),
-                io.Int.Input("ensemble", default=4, min=1, max=32,
-                             tooltip="Noise draws averaged per frame; more is steadier and slower "
-                                     "(AdaFlow's code uses 8)."),
+                io.Int.Input("feature_timestep", default=0, min=0, max=999,
+                             tooltip="Diffusion timestep the latents are noised to for DIFT features (AdaFlow: 0, "
+                                     "which its tau_mean/tau_region thresholds were set with); low values favour "
+                                     "geometric matches between frames."),
+                io.Int.Input("ensemble", default=8, min=1, max=32,
+                             tooltip="Noise draws averaged per frame (AdaFlow: 8); fewer is faster and noisier, "
+                                     "which moves the similarities the clip thresholds compare."),
                 io.Int.Input("candidates_per_clip", default=3, min=1, max=16,
                              tooltip="Keyframe candidates spread over each clip; sampling steps rotate among "
                                      "them. Correspondence memory grows with this."),

@@ -153,6 +153,29 @@ def test_inversion_then_ddim_sampling_returns_the_source():
             assert abs(scale - 1) <= 0.01
 
 
+def test_the_clean_latent_sits_at_the_first_grid_sigma():
+    """One step from a clean latent at sigma_c = 0.5 (alpha_bar 0.8) to sigma 1 (alpha_bar 0.5), written out
+    in the reference's VP terms in float64: the UNet must see x0 itself (the VP latent) at t(sigma=1), and
+    the result is sqrt(0.5) x0_hat + sqrt(0.5) eps. A large sigma_c so that treating the clean latent as
+    sigma 0 shows (at SD's 0.029 it moves the trajectory by only 4e-4, under float16 storage)."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(3, 4, 5, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    seen = []
+
+    def eps(x, sigma):  # a nonlinear network of the VP latent the UNet sees (x * c_in)
+        vp = x.double() / np.sqrt(1 + sigma ** 2)
+        seen.append(vp)
+        return torch.tanh(torch.einsum("oc,nchw->nohw", w, vp) * (1 + sigma))
+
+    ours = ddim_invert(x0.float(), np.array([1.0, 0.0]), eps, frames_per_chunk=3, grid=np.array([0.5, 1.0]))
+    assert rel(seen[0], x0) < 1e-6
+    e = torch.tanh(torch.einsum("oc,nchw->nohw", w, x0) * 2.0)
+    x0_hat = (x0 - np.sqrt(0.2) * e) / np.sqrt(0.8)
+    expected_vp = np.sqrt(0.5) * x0_hat + np.sqrt(0.5) * e
+    assert rel(ours.latents_at(0), expected_vp / np.sqrt(0.5)) <= 1e-3
+
+
 def test_inversion_grid_holds_every_sampler_sigma_once():
     grid = sd_grid(100, 50)
     assert len(grid) == 101 and grid[0] == pytest.approx(0.02916, rel=1e-3) and np.all(np.diff(grid) > 0)
