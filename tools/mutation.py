@@ -42,7 +42,7 @@ MODULES = {
     "adaflow_edit": [UNIT + "test_adaflow_semantics.py", UNIT + "test_adaflow_edit.py", UNIT + "test_propagation.py"],
     "keyframes": [UNIT + "test_keyframes.py", UNIT + "test_adaflow_semantics.py", UNIT + "test_propagation.py",
                   UNIT + "test_policy_semantics.py"],
-    "inversion": [UNIT + "test_adaflow_edit.py", REF + "test_inversion_reference.py"],
+    "inversion": [UNIT + "test_adaflow_edit.py", REF + "test_inversion.py"],
     "run_plan": [UNIT + "test_run_plan.py", UNIT + "test_policy_semantics.py"],
     "isa_policy": [UNIT + "test_policy_semantics.py"],
 }
