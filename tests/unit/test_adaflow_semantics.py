@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from longedit.core.adaflow_attention import PassLayout, aas_selection, adaflow_self_attention
 from longedit.core.adaflow_edit import FeatureInjection, KeyframeEditor
+from longedit.core.errors import LongEditError
 from longedit.core.inversion import Inversion
 from longedit.core.keyframes import AAS_LEVEL, AksParams, KeyframePlan, attention_levels
 
@@ -446,3 +447,30 @@ def test_without_a_source_branch_every_branch_attends_across_its_keyframes():
             assert rel_error(out[b, f], expected) < TOLERANCE
     with pytest.raises(ValueError, match="batch 5 is not 2 branches x 3 frames"):
         adaflow_self_attention(q[:5], k[:5], v[:5], HEADS, layout, pnp_layer=True)
+
+
+def test_an_editor_reused_for_a_second_run_ranks_for_each_step_again(setup):
+    """ComfyUI keeps the editor on the patched MODEL: a second sampling run comes back to the early steps,
+    and AAS must rank for those steps' keyframes, not reuse the last step's selection."""
+    model, plan, inversion, x, context = setup
+    editor = KeyframeEditor(inversion, plan, PNP_ATTN_T, PNP_F_T, kv_budget=BUDGET, chunk_frames=9, propagate=True)
+    for step in (3, 1):
+        sigma = torch.full((BRANCHES * FRAMES,), float(SIGMAS[step]))
+        got = editor(run_under_test(model), x, sigma, context, BRANCHES)
+    expected = reference_step(model, plan, inversion, x, context, 1, True)
+    assert rel_error(got, expected) < TOLERANCE
+
+
+def test_bad_sampler_inputs_are_refused_with_the_sizes(setup):
+    model, plan, inversion, x, context = setup
+    editor = KeyframeEditor(inversion, plan, PNP_ATTN_T, PNP_F_T, kv_budget=BUDGET, propagate=True)
+    sigma = torch.full((BRANCHES * FRAMES,), float(SIGMAS[1]))
+    with pytest.raises(LongEditError, match=f"gave {FRAMES - 1} frames per branch, but the inversion has {FRAMES}"):
+        editor(run_under_test(model), x[:-2], sigma[:-2], context[:-2], BRANCHES)
+    narrow = context[:, :, :CTX_DIM - 1]
+    with pytest.raises(LongEditError, match=rf"source conditioning \({CTX_TOKENS}, {CTX_DIM}\) and the sampler's "
+                                            rf"conditioning \({CTX_TOKENS}, {CTX_DIM - 1}\) differ"):
+        editor(run_under_test(model), x, sigma, narrow, BRANCHES)
+    wide = torch.cat([context, context[:, :, :1]], dim=2)
+    with pytest.raises(LongEditError, match=rf"conditioning \({CTX_TOKENS}, {CTX_DIM + 1}\) differ"):
+        editor(run_under_test(model), x, sigma, wide, BRANCHES)
