@@ -287,3 +287,34 @@ def replace_latents_scale(plan, latents, scale):
     from longedit.core.keyframes import latent_fingerprint
 
     return replace(plan, fingerprint=latent_fingerprint(latents * scale))
+
+
+def test_stored_bytes_and_the_plan_description_count_what_is_held(written):
+    frames, shape, steps, inversion, plan = written
+    held = sum(m.nbytes for m in plan.matches) + plan.aas_scores.nbytes + plan.fingerprint.nbytes
+    assert plan.stored_bytes() == held
+    run = RunPlan(frames=frames, latent_shape=shape, steps=steps, clips=plan.clip_count, per_clip=plan.per_clip,
+                  attention_tokens=sum(h * w for h, w in plan.levels))
+    assert f"correspondences {sum(m.nbytes for m in plan.matches) / GIB:.2f})" in run.describe()
+
+
+def test_no_frames_is_refused():
+    with pytest.raises(LongEditError, match="no frames"):
+        select_keyframes([], torch.zeros(0, 4, 8, 8))
+
+
+def test_a_positional_mask_marks_the_call_as_not_isa():
+    policy = IsaAttention(IsaSettings(**SETTINGS))
+    policy.begin_forward(None)
+    q, k, v = qkv(seed=5)
+    exact = lambda q, k, v, heads, mask=None, **kw: torch.zeros_like(q)  # noqa: E731
+    out = policy(exact, q, k, v, HEADS, torch.ones(N, N, dtype=torch.bool))
+    assert out.abs().max() == 0 and policy.counts["cross"] == 1 and policy.counts["isa"] == 0
+
+
+def test_inversion_disk_refusal_states_the_sizes(monkeypatch, tmp_path):
+    import longedit.core.inversion as inv
+
+    monkeypatch.setattr(inv, "free_disk", lambda folder: 10 * 2**30)
+    with pytest.raises(LongEditError, match=r"needs 20\.0 GiB in .* where 10\.0 GiB are free"):
+        inv.check_disk(str(tmp_path), 20 * 2**30)
