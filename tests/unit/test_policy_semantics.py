@@ -318,3 +318,9 @@ def test_inversion_disk_refusal_states_the_sizes(monkeypatch, tmp_path):
     monkeypatch.setattr(inv, "free_disk", lambda folder: 10 * 2**30)
     with pytest.raises(LongEditError, match=r"needs 20\.0 GiB in .* where 10\.0 GiB are free"):
         inv.check_disk(str(tmp_path), 20 * 2**30)
+
+
+def test_aks_defaults_are_the_reference_configs():
+    """AdaFlow's config: similarity_mean_threshold 0.75, similarity_region_threshold 0.6, max_batch_size 400."""
+    p = AksParams()
+    assert (p.tau_mean, p.tau_region, p.max_clip_length) == (0.75, 0.6, 400)
