@@ -78,8 +78,9 @@ class KeyframeEditor:
         self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out, record=recorded)
         self.report(len(keyframes), frames)
         others = np.setdiff1d(np.arange(frames), keyframes)
-        for i0 in range(0, len(others), self.chunk_frames):
-            chunk = others[i0:i0 + self.chunk_frames]
+        chunk_frames = max(1, int(self.chunk_frames))  # hosts may size chunks from float byte estimates
+        for i0 in range(0, len(others), chunk_frames):
+            chunk = others[i0:i0 + chunk_frames]
             propagation = self.propagation(recorded, chunk, step, x.device) if self.propagate else None
             self._pass(run, x, sigma, context, branches, chunk, step, extended=False, out=out,
                        propagate=propagation)
