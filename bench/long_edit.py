@@ -210,7 +210,7 @@ def table_row(r: dict, floors: dict) -> str:
     plan = r.get("plan_gpu")
     return (head + f" | {per * 1000:.2f} | {ratio} | {r['keyframes']} | "
             f"{plan / 2**30 if plan else 0:.2f} | {r['sample_gpu_peak'] / 2**30:.2f} | "
-            f"{plan / r['sample_gpu_peak'] if plan else 0:.2f} | {r.get('sample_gpu_reserved', 0) / 2**30:.2f} | "
+            f"{plan / r['sample_gpu_peak'] if plan and r['sample_gpu_peak'] else 0:.2f} | {r.get('sample_gpu_reserved', 0) / 2**30:.2f} | "
             f"{r['gpu_peak'] / 2**30:.2f} | {r['rss_peak'] / 2**30:.2f} | {r['rss_peak'] / r['frames'] / 1e6:.3f} | "
             f"{r['disk'] / r['frames'] / 1e6:.3f}")
 

@@ -156,14 +156,14 @@ def _adaflow_state(model_options: dict) -> dict | None:
 
 
 def largest_pass_frames(settings: dict, batch: int) -> int:
-    """Images in the largest model call AdaFlow makes for a sampler batch of `batch` latents: the keyframe
-    pass, (branches + 1) x keyframes. Without a keyframe plan every frame is a keyframe: the batch itself."""
+    """Images in the one model call AdaFlow cannot shrink for a sampler batch of `batch` latents: the keyframe
+    pass, run one branch at a time (source + branch: 2 x keyframes); chunks of other frames fit what is free.
+    Without a keyframe plan every frame is a keyframe: the batch itself."""
     plan = settings.get("keyframes") or settings.get("propagate")
     inversion = settings.get("inversion")
     if plan is None or inversion is None or batch < inversion.frame_count:
         return batch  # already one pass (or not an AdaFlow batch)
-    branches = max(1, batch // inversion.frame_count)
-    return (branches + 1) * plan.clip_count
+    return 2 * plan.clip_count
 
 
 def pass_memory_required(full_cost, state: dict):
@@ -180,8 +180,8 @@ def pass_memory_required(full_cost, state: dict):
 
 def prepare_for_largest_pass(executor, model, noise_shape, conds, model_options=None):
     """ComfyUI loads the weights so that the sampler batch's estimated activations stay free, offloading
-    weights when they would not (its low-VRAM mode). Ask for the largest pass with both CFG branches
-    (3 x keyframes) as the minimum, so a long video neither forces weights off nor loads past the card."""
+    weights when they would not (its low-VRAM mode). Ask for the keyframe pass as the minimum, so a long
+    video neither forces weights off nor loads past the card."""
     state = _adaflow_state(model_options)
     if state is not None:
         frames = largest_pass_frames(state["settings"], 2 * int(noise_shape[0]))
@@ -305,10 +305,11 @@ def card_plan(model, inversion, keyframes) -> RunPlan:
     if keyframes is not None:
         per_frame = self_attention_bytes_per_frame(base.diffusion_model, keyframes.levels,
                                                    mm.dtype_size(model.model_dtype()))
-        recorded = 3 * keys * per_frame
+        recorded = 3 * keys * per_frame  # source, uncond and cond outputs of every keyframe
     total, outside = card_memory(device)
     gpu = GpuPlan(card_bytes=total, reserved_bytes=outside + mm.extra_reserved_memory(),
-                  weights_bytes=model.model_size(), pass_bytes=int(full_cost([3 * keys, *shape])),
+                  weights_bytes=model.model_size(),
+                  pass_bytes=int(full_cost([(2 if keyframes is not None else 3) * keys, *shape])),
                   recorded_bytes=recorded)
     # non-keyframe chunks take what the card has free at sampling time (the apply-model wrapper sizes them so)
     per_chunk_frame = full_cost([3, *shape])

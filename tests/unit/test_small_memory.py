@@ -68,3 +68,55 @@ def test_a_keyframe_pass_larger_than_the_card_is_refused_up_front_with_the_numbe
     with pytest.raises(LongEditError):  # the whole resource check refuses it too
         check_resources(run, "/tmp", ram=10**15, disk=10**15)
     check_gpu(RunPlan(frames=10_000, latent_shape=(4, 48, 84), steps=50, gpu=plan_on(8)))  # fits: no error
+
+
+def test_keyframe_pass_one_branch_at_a_time_is_the_same_computation():
+    """With a keyframe plan the keyframe pass runs per branch ([source | branch b]) so its size does not grow
+    with the CFG branches; outputs and the record propagation reads must be those of one joint pass."""
+    import torch
+
+    from longedit.core.adaflow_edit import KeyframeEditor
+    from longedit.core.inversion import ddim_invert
+    from longedit.core.keyframes import AksParams, select_keyframes
+
+    torch.manual_seed(0)
+    frames, branches, shape = 21, 2, (4, 3, 5)
+    sigmas = np.append(np.geomspace(14.6, 0.03, 3), 0.0)
+    latents = torch.randn(frames, *shape)
+    inversion = ddim_invert(latents, sigmas, lambda x, s: 0.1 * x, 4)
+    plan = select_keyframes([torch.randn(frames, 8, 3, 5)], latents,
+                            AksParams(tau_mean=0.0, tau_region=0.0, max_clip_length=7, candidates_per_clip=2))
+    assert plan.clip_count == 3
+    editor = KeyframeEditor(inversion, plan, 1.0, 1.0, kv_budget=20, chunk_frames=4, propagate=True)
+    calls = []
+
+    def run(x_in, sigma, context, layout):  # mixes keyframes within a branch; propagation reads the record
+        blocks = x_in.view(layout.branches, layout.frames, -1)
+        calls.append((layout.extended, layout.branches, layout.frames))
+        if layout.extended:
+            out = blocks + blocks.mean(dim=1, keepdim=True)
+            layout.record["layer"] = (3 * out).reshape(layout.branches, -1, 1)
+            return out.reshape(x_in.shape)
+        rec = layout.propagate.recorded["layer"]
+        shift = torch.stack([rec[b].mean() + 0.5 * rec[0].mean() for b in range(layout.branches)])
+        return (blocks + shift[:, None, None]).reshape(x_in.shape)
+
+    step = 1
+    x = torch.randn(branches * frames, *shape, dtype=torch.float64)
+    sigma = torch.full((branches * frames,), float(inversion.sigmas[step]), dtype=torch.float64)
+    out = editor(run, x, sigma, torch.zeros(branches * frames, 1, 1, dtype=torch.float64), branches)
+
+    # float64 expectation from the definitions: one joint keyframe pass [source | branch 0 | branch 1]
+    keys = plan.keyframes(step)
+    others = np.setdiff1d(np.arange(frames), keys)
+    source = inversion.latents_at(step, keys).double().reshape(len(keys), -1)
+    joint = [source] + [x[b * frames + torch.as_tensor(keys)].reshape(len(keys), -1) for b in range(branches)]
+    record = [3 * (j + j.mean(dim=0, keepdim=True)) for j in joint]
+    expected = torch.empty_like(x)
+    for b in range(branches):
+        rows_k = b * frames + torch.as_tensor(keys)
+        rows_o = b * frames + torch.as_tensor(others)
+        expected[rows_k] = (joint[b + 1] + joint[b + 1].mean(dim=0, keepdim=True)).view(-1, *shape)
+        expected[rows_o] = x[rows_o] + record[b + 1].mean() + 0.5 * record[0].mean()
+    assert torch.allclose(out, expected, rtol=0, atol=1e-12), (out - expected).abs().max()
+    assert [c for c in calls if c[0]] == [(True, 2, 3)] * branches  # source + one branch, 3 keyframes each
