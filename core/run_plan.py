@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from .errors import LongEditError
 
 GIB = 2**30
-SAMPLER_COPIES = 4  # the sampler holds the latent batch several times (input, state, denoised, output)
+# fp32 full-batch latent copies in RAM at the sampler's peak, now that its state stays on the host: counted in
+# ComfyUI 0.3.64's samplers.py (state, noise, start latent, denoised, d, next x; per CFG branch the batched
+# input, the model output, the cond output and its count; the CFG result) -- a count, not a measurement
+SAMPLER_COPIES = 16
 MIN_WEIGHTS_ON_GPU = 128 * 2**20  # ComfyUI keeps at least this much of a model's weights loaded
 
 
