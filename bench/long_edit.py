@@ -52,15 +52,34 @@ def gpu(op: str) -> int:
     return torch.cuda.max_memory_allocated()
 
 
+def context_bytes() -> int:
+    """GPU memory this process holds outside torch's allocator (its CUDA context): from NVML's per-process
+    figure where the process is visible to it, else everything in use on the device (right when alone)."""
+    import torch
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory) - torch.cuda.memory_reserved()
+    except Exception:  # no NVML, or another PID namespace: fall back to the device-wide figure
+        pass
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
+
+
 def simulate_card(gib: float) -> None:
     """Make this process see a card of `gib` GiB: torch may allocate only what such a card leaves beside the
-    CUDA context already held, and mem_get_info (which ComfyUI reads for total and free memory) reports it."""
+    CUDA context it already holds, and mem_get_info (which ComfyUI reads for total and free memory) reports it."""
     import torch
 
     torch.zeros(1, device="cuda")  # create the context: it takes its share of the simulated card too
-    real_free, real_total = torch.cuda.mem_get_info()
+    real_total = torch.cuda.mem_get_info()[1]
     card = int(gib * 2**30)
-    outside = real_total - real_free  # context (and anything else) held outside torch's allocator
+    outside = context_bytes()
     torch.cuda.set_per_process_memory_fraction((card - outside) / real_total)
 
     def mem_get_info(device=None):

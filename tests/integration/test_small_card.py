@@ -254,11 +254,14 @@ recorded_bytes = []
 original_pass = KeyframeEditor._pass
 
 
-def measuring_pass(self, run_, x, sigma, ctx, branches, frames_idx, step, extended, out, record=None, propagate=None):
-    original_pass(self, run_, x, sigma, ctx, branches, frames_idx, step, extended, out, record=record, propagate=propagate)
-    if record is not None:
-        itemsize = {t.element_size() for t in record.values()}.pop()
-        recorded_bytes.append((branches, len(frames_idx), sum(t.nbytes for t in record.values()) // itemsize))
+def measuring_pass(self, run_, x, sigma, ctx, branches, frames_idx, step, extended, out, record=None, **kwargs):
+    original_pass(self, run_, x, sigma, ctx, branches, frames_idx, step, extended, out, record=record, **kwargs)
+    # with a keyframe plan the keyframe pass runs once per CFG branch, writing into one joint record
+    full = getattr(record, "full", record)
+    if record is None or getattr(record, "branch", branches - 1) != branches - 1:
+        return
+    itemsize = {t.element_size() for t in full.values()}.pop()
+    recorded_bytes.append((branches, len(frames_idx), sum(t.nbytes for t in full.values()) // itemsize))
 
 
 KeyframeEditor._pass = measuring_pass
