@@ -170,9 +170,9 @@ def pass_memory_required(full_cost, state: dict):
     """BaseModel.memory_required as the patched model needs it: a sampler batch of all frames costs its
     largest pass, not all frames at once."""
 
-    def memory_required(input_shape, cond_shapes={}):
+    def memory_required(input_shape, cond_shapes=None):
         frames = largest_pass_frames(state["settings"], int(input_shape[0]))
-        return full_cost([frames, *input_shape[1:]], cond_shapes=cond_shapes)
+        return full_cost([frames, *input_shape[1:]], cond_shapes=cond_shapes or {})
 
     memory_required.full_cost = full_cost
     return memory_required

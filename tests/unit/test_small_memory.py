@@ -2,10 +2,16 @@
 refuses as the arithmetic of the card says."""
 import numpy as np
 import pytest
-
 from longedit.core.errors import LongEditError
 from longedit.core.memory import HOST_CHUNK_BYTES, MAX_CHUNK_FRAMES, frames_per_chunk
-from longedit.core.run_plan import GIB, MIN_WEIGHTS_ON_GPU, GpuPlan, RunPlan, check_gpu, check_resources
+from longedit.core.run_plan import (
+    GIB,
+    MIN_WEIGHTS_ON_GPU,
+    GpuPlan,
+    RunPlan,
+    check_gpu,
+    check_resources,
+)
 
 MIB = 2**20
 
@@ -74,7 +80,6 @@ def test_keyframe_pass_one_branch_at_a_time_is_the_same_computation():
     """With a keyframe plan the keyframe pass runs per branch ([source | branch b]) so its size does not grow
     with the CFG branches; outputs and the record propagation reads must be those of one joint pass."""
     import torch
-
     from longedit.core.adaflow_edit import KeyframeEditor
     from longedit.core.inversion import ddim_invert
     from longedit.core.keyframes import AksParams, select_keyframes
