@@ -94,7 +94,3 @@ def card_memory(device) -> tuple[int, int]:
     free, _ = torch.cuda.mem_get_info(device)
     return total, max(0, total - int(free) - torch.cuda.memory_reserved(device))
 
-
-def device_chunk(device, bytes_per_frame: float, host_bytes_per_frame: float = 1) -> int:
-    """Frames per chunk on `device` from ComfyUI's free memory there (an int whatever the inputs' types)."""
-    return frames_per_chunk(mm.get_free_memory(device), bytes_per_frame, host_bytes_per_frame)
