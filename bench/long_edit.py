@@ -10,7 +10,15 @@ Columns: seconds per frame per denoising step (sampling only), the ratio to the 
 (the whole run and the sampling part), peak host RAM, and disk (trajectory and correspondences).
 Latents are synthetic (scenes of 250 frames with slow pans; see bench/keyframes.py).
 
-Run:  python bench/long_edit.py --comfy /tmp/comfyui --frames 1000,2000,5000,10000
+--gpu-memory 8,12,16,24 runs every row on simulated cards of that many GiB: the child process may allocate
+only that much (torch's per-process memory fraction, less the CUDA context it already holds) and ComfyUI
+reads that card's total and free memory (torch.cuda.mem_get_info reports the simulated card), so ComfyUI
+plans (weight offloading, batch sizes) and our nodes size their chunks as on such a card. --vram-modes
+normal,low also runs ComfyUI's --lowvram mode. Each row prints the memory plan's predicted sampling peak
+beside the measured one, and host RAM and disk per frame. --out appends every row as JSON; --report FILES
+prints the table of rows gathered by earlier runs (e.g. from several 10-minute device calls).
+
+Run:  python bench/long_edit.py --comfy /tmp/comfyui --frames 1000,10000 --gpu-memory 8,12 --modes floor,adaflow
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from keyframes import CKPT, import_comfy, import_pack, peak_rss, synthetic_latents  # noqa: E402
+from keyframes import CKPT, import_pack, peak_rss, synthetic_latents  # noqa: E402
 
 STEPS = 2
 MODES = ("floor", "adaflow", "tokenflow")
@@ -39,7 +47,56 @@ def gpu(op: str) -> int:
         torch.cuda.synchronize()
     elif op == "reset":
         torch.cuda.reset_peak_memory_stats()
+    elif op == "reserved":
+        return torch.cuda.max_memory_reserved()
     return torch.cuda.max_memory_allocated()
+
+
+def context_bytes() -> int:
+    """GPU memory this process holds outside torch's allocator (its CUDA context): from NVML's per-process
+    figure where the process is visible to it, else everything in use on the device (right when alone)."""
+    import torch
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory) - torch.cuda.memory_reserved()
+    except Exception:  # no NVML, or another PID namespace: fall back to the device-wide figure
+        pass
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
+
+
+def simulate_card(gib: float) -> None:
+    """Make this process see a card of `gib` GiB: torch may allocate only what such a card leaves beside the
+    CUDA context it already holds, and mem_get_info (which ComfyUI reads for total and free memory) reports it."""
+    import torch
+
+    torch.zeros(1, device="cuda")  # create the context: it takes its share of the simulated card too
+    real_total = torch.cuda.mem_get_info()[1]
+    card = int(gib * 2**30)
+    outside = context_bytes()
+    torch.cuda.set_per_process_memory_fraction((card - outside) / real_total)
+
+    def mem_get_info(device=None):
+        return max(0, card - outside - torch.cuda.memory_reserved(device)), card
+
+    torch.cuda.mem_get_info = mem_get_info
+
+
+def import_comfy(comfy_dir: str, flags: list[str]) -> None:
+    import torch
+
+    sys.path.insert(0, comfy_dir)
+    sys.argv = [sys.argv[0]] + (flags if torch.cuda.is_available() else ["--cpu"])
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.sd  # noqa: F401
 
 
 def folder_bytes(path: str) -> int:
@@ -49,7 +106,9 @@ def folder_bytes(path: str) -> int:
 def child(args) -> None:
     import torch
 
-    import_comfy(args.comfy)
+    if args.card and torch.cuda.is_available():
+        simulate_card(args.card)
+    import_comfy(args.comfy, ["--lowvram"] if args.vram == "low" else [])
     import comfy.model_management as mm
     import comfy.sample
     import comfy.samplers
@@ -60,7 +119,7 @@ def child(args) -> None:
     from longedit.core.inversion import ddim_invert
     from longedit.core.keyframes import AksParams, select_keyframes
     from longedit.core.memory import frames_per_chunk
-    from longedit.nodes.adaflow_edit import patch_model
+    from longedit.nodes.adaflow_edit import card_plan, patch_model
     from longedit.nodes.adaflow_invert import make_eps
     from longedit.nodes.adaflow_keyframes import make_featurizer
     from longedit.nodes.adaflow_propagation import propagate_from_keyframes
@@ -73,10 +132,13 @@ def child(args) -> None:
     context = torch.zeros(1, 77, 1024)
     mm.load_models_gpu([model])
     gpu("reset")
-    result = dict(frames=frames, mode=mode)
+    result = dict(frames=frames, mode=mode, card=args.card, vram=args.vram,
+                  card_total=mm.get_total_memory(device), vram_state=mm.vram_state.name)
     if mode == "floor":
         x = model.model.process_latent_in(latents)
-        batch = 32
+        # a plain batched forward, batches sized as ComfyUI would on this card (3 branches per frame)
+        batch = frames_per_chunk(mm.get_free_memory(device), model.memory_required([3, *latents.shape[1:]]), 1)
+        result["batch"] = batch
         gpu("sync")
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -87,7 +149,8 @@ def child(args) -> None:
                     model.model.apply_model(xb, s, c_crossattn=context.to(device).expand(xb.shape[0], -1, -1))
         gpu("sync")
         result.update(sample_s=time.perf_counter() - t0, gpu_peak=gpu("peak"),
-                      sample_gpu_peak=gpu("peak"), rss_peak=peak_rss(), disk=0, keyframes=0)
+                      sample_gpu_peak=gpu("peak"), sample_gpu_reserved=gpu("reserved"), rss_peak=peak_rss(),
+                      disk=0, keyframes=0)
         print("RESULT " + json.dumps(result), flush=True)
         return
     params = AksParams(max_clip_length=8 if mode == "tokenflow" else 400)
@@ -95,17 +158,24 @@ def child(args) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         t0 = time.perf_counter()
         patcher, featurize = make_featurizer(model, context, 50)
-        chunk = frames_per_chunk(mm.get_free_memory(device), patcher.memory_required([4, *latents.shape[1:]]), 1)
-        mm.load_models_gpu([patcher])
+        per_frame = patcher.memory_required([4, *latents.shape[1:]])
+        mm.load_models_gpu([patcher], memory_required=per_frame)
+        chunk = frames_per_chunk(mm.get_free_memory(device), per_frame, 1)
         plan = select_keyframes(dift_feature_chunks(latents, featurize, 4, 0, chunk), latents, params,
                                 folder=os.path.join(folder, "plan"), device=device)
         t1 = time.perf_counter()
         sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "ddim_uniform", STEPS).double().numpy()
-        mm.load_models_gpu([model])
-        inversion = ddim_invert(model.model.process_latent_in(latents), sigmas, make_eps(model, context), 64,
+        per_frame = model.memory_required([1, *latents.shape[1:]])
+        mm.load_models_gpu([model], memory_required=per_frame)
+        chunk = frames_per_chunk(mm.get_free_memory(device), per_frame, 1)
+        inversion = ddim_invert(model.model.process_latent_in(latents), sigmas, make_eps(model, context), chunk,
                                 folder=os.path.join(folder, "inversion"), source_context=context, device=device)
         t2 = time.perf_counter()
         patched = propagate_from_keyframes(patch_model(model, inversion, plan, 0.8, 0.8, budget), plan)
+        memory_plan = card_plan(patched, inversion, plan)
+        print(memory_plan.describe(), flush=True)
+        result.update(plan_gpu=memory_plan.gpu.peak_bytes, plan_offloads=memory_plan.gpu.offloads,
+                      plan_ram=memory_plan.ram_bytes, plan_disk=memory_plan.disk_bytes)
         start = model.model.process_latent_out(inversion.latents_at(0))
         positive = [[torch.randn(1, 77, 1024) * 0.1, {}]]
         negative = [[context, {}]]
@@ -120,22 +190,58 @@ def child(args) -> None:
         assert out.shape == latents.shape and torch.isfinite(out).all()
         sample_peak = gpu("peak")
         result.update(aks_s=t1 - t0, invert_s=t2 - t1, sample_s=t4 - t3, keyframes=plan.clip_count,
-                      gpu_peak=max(peak_before, sample_peak), sample_gpu_peak=sample_peak, rss_peak=peak_rss(),
-                      disk=folder_bytes(folder))
+                      gpu_peak=max(peak_before, sample_peak), sample_gpu_peak=sample_peak,
+                      sample_gpu_reserved=gpu("reserved"), rss_peak=peak_rss(), disk=folder_bytes(folder),
+                      weights_on_gpu=sum(m.model_loaded_memory() for m in mm.current_loaded_models))
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run(args, frames: int, mode: str) -> dict:
+def run(args, frames: int, mode: str, card: float, vram: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(frames), "--mode", mode, "--comfy", args.comfy,
-           "--height", str(args.height), "--width", str(args.width), "--workdir", args.workdir]
+           "--height", str(args.height), "--width", str(args.width), "--workdir", args.workdir,
+           "--card", str(card), "--vram", vram]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
+        if line.startswith("LongEdit plan"):
+            print("  " + line, flush=True)
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (proc.stdout[-1500:] + proc.stderr[-2500:])
     reason = "OOM" if "OutOfMemory" in tail else "failed"
-    print(f"  {mode} at {frames}: {reason}\n{tail if reason == 'failed' else ''}", flush=True)
-    return dict(frames=frames, mode=mode, error=reason)
+    print(f"  {mode} at {frames} on {card} GiB: {reason}\n{tail}", flush=True)
+    return dict(frames=frames, mode=mode, card=card, vram=vram, error=reason)
+
+
+HEADER = ("card | ComfyUI mode | frames | mode | ms per frame per step | vs floor | keyframes | plan GPU GiB | "
+          "GPU peak GiB (sampling) | plan / measured | GPU reserved GiB | GPU peak GiB (run) | host peak GiB | "
+          "host MB per frame | disk MB per frame")
+
+
+def table_row(r: dict, floors: dict) -> str:
+    card = f"{r['card']:g} GB" if r.get("card") else "whole H200"
+    head = f"{card} | {r.get('vram', 'normal')}{' (' + r['vram_state'] + ')' if r.get('vram_state') else ''} | " \
+           f"{r['frames']:,} | {r['mode']}"
+    if "error" in r:
+        return head + f" | {r['error']}" + " | -" * 12
+    per = r["sample_s"] / (r["frames"] * STEPS)
+    floor = floors.get((r.get("card"), r.get("vram")))
+    ratio = f"{per / floor:.2f}x" if floor else "-"
+    plan = r.get("plan_gpu")
+    return (head + f" | {per * 1000:.2f} | {ratio} | {r['keyframes']} | "
+            f"{plan / 2**30 if plan else 0:.2f} | {r['sample_gpu_peak'] / 2**30:.2f} | "
+            f"{plan / r['sample_gpu_peak'] if plan and r['sample_gpu_peak'] else 0:.2f} | {r.get('sample_gpu_reserved', 0) / 2**30:.2f} | "
+            f"{r['gpu_peak'] / 2**30:.2f} | {r['rss_peak'] / 2**30:.2f} | {r['rss_peak'] / r['frames'] / 1e6:.3f} | "
+            f"{r['disk'] / r['frames'] / 1e6:.3f}")
+
+
+def print_table(rows: list[dict], width: int, height: int) -> None:
+    floors = {(r.get("card"), r.get("vram")): r["sample_s"] / (r["frames"] * STEPS)
+              for r in rows if r["mode"] == "floor" and "error" not in r}
+    print(f"\nlong edit, {STEPS} denoising steps, {width}x{height}, SD2.1 fp16 random weights")
+    print(HEADER)
+    print(" | ".join(["---"] * HEADER.count("|")) + " | ---")
+    for r in sorted(rows, key=lambda r: (r.get("card") or 1e9, r.get("vram", ""), r["frames"], r["mode"])):
+        print(table_row(r, floors))
 
 
 def main() -> int:
@@ -143,40 +249,43 @@ def main() -> int:
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH", "/tmp/comfyui"))
     ap.add_argument("--frames", default="1000,2000,5000,10000")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--gpu-memory", default="0", help="GiB of the simulated cards, e.g. 8,12,16,24 (0: the whole GPU)")
+    ap.add_argument("--vram-modes", default="normal", help="normal and/or low (ComfyUI's --lowvram)")
     ap.add_argument("--height", type=int, default=384)
     ap.add_argument("--width", type=int, default=672)
     ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--out", default=None, help="append each row as a JSON line to this file")
+    ap.add_argument("--report", nargs="*", default=None, help="print the table of rows from these JSON-lines files")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="adaflow", help=argparse.SUPPRESS)
+    ap.add_argument("--card", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--vram", default="normal", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return 0
+    if args.report is not None:
+        rows = [json.loads(line) for path in args.report for line in open(path) if line.strip()]
+        print_table(rows, args.width, args.height)
+        return 0
     rows = []
-    gone = set()  # modes that ran out of memory stop growing
-    for frames in [int(x) for x in args.frames.split(",")]:
-        floor = None
-        for mode in args.modes.split(","):
-            if mode in gone:
-                continue
-            print(f"run: {mode} {frames} frames ...", flush=True)
-            r = run(args, frames, mode)
-            if "error" in r:
-                gone.add(mode) if r["error"] == "OOM" else None
-                rows.append(f"{frames:,} | {mode} | {r['error']} | - | - | - | - | - | -")
-                continue
-            per = r["sample_s"] / (frames * STEPS)
-            floor = per if mode == "floor" else floor
-            ratio = f"{per / floor:.2f}x" if floor else "-"
-            rows.append(f"{frames:,} | {mode} | {per * 1000:.2f} | {ratio} | {r['keyframes']} | "
-                        f"{r['gpu_peak'] / 2**30:.1f} | {r['sample_gpu_peak'] / 2**30:.1f} | "
-                        f"{r['rss_peak'] / 2**30:.1f} | {r['disk'] / 2**30:.2f}")
-            print("  " + rows[-1] + f"  (aks {r.get('aks_s', 0):.1f}s, invert {r.get('invert_s', 0):.1f}s)", flush=True)
-    print(f"\nlong edit, {STEPS} denoising steps, {args.width}x{args.height}, SD2.1 fp16 random weights")
-    print("frames | mode | ms per frame per step | vs floor | keyframes | GPU peak GiB (run) | GPU peak GiB (sampling) "
-          "| host peak GiB | disk GiB")
-    print("--- | --- | --- | --- | --- | --- | --- | --- | ---")
-    print("\n".join(rows))
+    for card in [float(x) for x in args.gpu_memory.split(",")]:
+        for vram in args.vram_modes.split(","):
+            gone = set()  # modes that ran out of memory stop growing
+            for frames in [int(x) for x in args.frames.split(",")]:
+                for mode in args.modes.split(","):
+                    if mode in gone:
+                        continue
+                    print(f"run: {mode} {frames} frames, card {card:g} GiB, {vram} ...", flush=True)
+                    r = run(args, frames, mode, card, vram)
+                    if r.get("error") == "OOM":
+                        gone.add(mode)
+                    rows.append(r)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(r) + "\n")
+                    print("  " + table_row(r, {}), flush=True)
+    print_table(rows, args.width, args.height)
     return 0
 
 

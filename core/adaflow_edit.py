@@ -41,6 +41,9 @@ class KeyframeEditor:
         self.kv_budget = kv_budget
         self.chunk_frames = chunk_frames
         self.propagate = propagate
+        # where the model runs; None: where the sampler's latents are. The host may keep the full-batch
+        # latents in RAM: then only each pass's frames travel to this device, and each output back.
+        self.device: torch.device | str | None = None
         # called with (frames done, frames) after the keyframe pass and after each chunk: the host checks
         # for Cancel there (a step over 10,000 frames takes minutes) and moves its progress bar
         self.on_progress: Callable[[int, int], None] | None = None
@@ -75,17 +78,30 @@ class KeyframeEditor:
         out = torch.empty_like(x)
         keyframes = self.keyframes(step)
         recorded = {} if self.propagate else None
-        self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out, record=recorded)
+        if self.plan is not None and branches > 1:
+            # One branch at a time (with its own source rows): the keyframe pass, the one pass that grows with
+            # the number of clips, then holds 2 x keyframes instead of (branches + 1) x keyframes; extended
+            # attention never mixes branches, so this is the same computation. The source keyframes run once
+            # per branch: a few frames per step.
+            for b in range(branches):
+                record = BranchRecord(recorded, b, branches) if recorded is not None else None
+                self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out, record=record,
+                           branch_ids=[b])
+        else:
+            self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out, record=recorded)
         self.report(len(keyframes), frames)
         others = np.setdiff1d(np.arange(frames), keyframes)
         chunk_frames = max(1, int(self.chunk_frames))  # hosts may size chunks from float byte estimates
         for i0 in range(0, len(others), chunk_frames):
             chunk = others[i0:i0 + chunk_frames]
-            propagation = self.propagation(recorded, chunk, step, x.device) if self.propagate else None
+            propagation = self.propagation(recorded, chunk, step, self.compute_device(x)) if self.propagate else None
             self._pass(run, x, sigma, context, branches, chunk, step, extended=False, out=out,
                        propagate=propagation)
             self.report(len(keyframes) + i0 + len(chunk), frames)
         return out
+
+    def compute_device(self, x: torch.Tensor):
+        return self.device if self.device is not None else x.device
 
     def report(self, done: int, frames: int) -> None:
         if self.on_progress is not None:
@@ -106,26 +122,47 @@ class KeyframeEditor:
 
     def _pass(self, run: RunModel, x, sigma, context, branches: int, frames_idx: np.ndarray, step: int,
               extended: bool, out: torch.Tensor, record: dict | None = None,
-              propagate: Propagation | None = None) -> None:
+              propagate: Propagation | None = None, branch_ids: list[int] | None = None) -> None:
         frames = self.inversion.frame_count
         k = len(frames_idx)
+        device = self.compute_device(x)
         idx = as_index(frames_idx, x.device)
-        rows = torch.cat([b * frames + idx for b in range(branches)])
-        source = self.inversion.latents_at(step, frames_idx).to(x)
-        source_context = self.inversion.source_context.to(context)
+        branch_ids = list(range(branches)) if branch_ids is None else branch_ids
+        rows = torch.cat([b * frames + idx for b in branch_ids])
+        branches = len(branch_ids)
+        source = self.inversion.latents_at(step, frames_idx).to(device, x.dtype)
+        source_context = self.inversion.source_context.to(device, context.dtype)
         if source_context.shape[1:] != context.shape[1:]:
             raise LongEditError(
                 f"The source conditioning {tuple(source_context.shape[1:])} and the sampler's conditioning "
                 f"{tuple(context.shape[1:])} differ in shape.", "use the same CLIP for both prompts.")
         layout = PassLayout(frames=k, branches=branches + 1, has_source=True,
                             inject_qk=step < self.attn_steps, inject_conv=step < self.conv_steps,
-                            selection=self.selection(step, x.device) if extended else None, extended=extended,
+                            selection=self.selection(step, device) if extended else None, extended=extended,
                             record=record, propagate=propagate)
         # The host may keep the conditioning on another device than the latents (ComfyUI moves it later).
-        branch_context = context[rows.to(context.device)]
-        denoised = run(torch.cat([source, x[rows]]), sigma.flatten()[:1].expand(k * (branches + 1)),
+        branch_context = context[rows.to(context.device)].to(device)
+        denoised = run(torch.cat([source, x[rows].to(device)]), sigma.flatten()[:1].to(device).expand(k * (branches + 1)),
                        torch.cat([source_context.expand(k, -1, -1), branch_context]), layout)
-        out[rows] = denoised[k:].to(out.dtype)
+        out[rows] = denoised[k:].to(out.device, out.dtype)
+
+
+class BranchRecord(dict):
+    """The record of a keyframe pass run for one branch (layout [source | branch b]), written straight into
+    the rows of the full record [source | branch 0 | branch 1 ...] that propagation reads; the source row is
+    taken from the first branch's pass. No per-branch copy is kept."""
+
+    def __init__(self, full: dict, branch: int, branches: int):
+        super().__init__()
+        self.full, self.branch, self.branches = full, branch, branches
+
+    def __setitem__(self, layer, value: torch.Tensor) -> None:  # value [2, K*T, C]
+        if layer not in self.full:
+            self.full[layer] = value.new_empty((self.branches + 1, *value.shape[1:]))
+        target = self.full[layer]
+        if self.branch == 0:
+            target[0].copy_(value[0])
+        target[self.branch + 1].copy_(value[1])
 
 
 class FeatureInjection(nn.Sequential):

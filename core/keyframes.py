@@ -29,6 +29,7 @@ from ..kernels import find_nearest
 from .errors import LongEditError
 
 ON_DISK_BYTES = 256 * 2**20  # arrays larger than this are memory-mapped files
+MATCH_FRAMES = 16  # frames matched at once against a clip's candidates (bounds the device memory)
 AAS_LEVEL = 1  # scores for slimming are computed at the second attention level (24x42 for 384x672)
 
 
@@ -162,7 +163,7 @@ class _ClipBuilder:
         self.params = params
         self.device = device
         self.start = 0
-        self.features: list[torch.Tensor] = []  # [C, h, w] each, where the featurizer left them
+        self.features: list[torch.Tensor] = []  # [C, h, w] each, on the host
         self.reference: torch.Tensor | None = None  # normalised tokens [T, C] on the device
         self.clip_starts = [0]
         self.candidates: list[np.ndarray] = []
@@ -181,18 +182,19 @@ class _ClipBuilder:
         chosen = spread_candidates(self.start, stop, self.params.candidates_per_clip)
         slots = np.concatenate([chosen, np.repeat(chosen[-1:], self.params.candidates_per_clip - len(chosen))])
         self.candidates.append(slots)
-        clip = torch.stack(self.features).to(self.device)  # one transfer; each level reads it from here
-        cand = clip[torch.as_tensor(slots - self.start, device=clip.device)]
-        for level, size in enumerate(self.levels):
-            cand_tokens = _tokens(cand, size)  # [P, T, C]
-            if level == AAS_LEVEL:
-                self.aas_tokens.extend(cand_tokens.cpu().half())
-            p = cand_tokens.shape[0]
-            for i0 in range(0, len(self.features), 16):  # a few frames at a time bound the device memory
-                frame_tokens = _tokens(clip[i0:i0 + 16], size)
+        cand = torch.stack([self.features[i] for i in slots - self.start]).to(self.device)
+        cand_tokens = [_tokens(cand, size) for size in self.levels]  # per level [P, T, C]
+        self.aas_tokens.extend(cand_tokens[AAS_LEVEL].cpu().half())
+        p = len(slots)
+        # The clip's features stay on the host; a few frames at a time go to the device (once for all
+        # levels), so device memory does not grow with the clip length.
+        for i0 in range(0, len(self.features), MATCH_FRAMES):
+            group = torch.stack(self.features[i0:i0 + MATCH_FRAMES]).to(self.device)
+            for level, size in enumerate(self.levels):
+                frame_tokens = _tokens(group, size)
                 n, t, c = frame_tokens.shape
                 query = frame_tokens[:, None].expand(n, p, t, c).reshape(n * p, t, c)
-                keys = cand_tokens[None].expand(n, p, *cand_tokens.shape[1:]).reshape(n * p, -1, c)
+                keys = cand_tokens[level][None].expand(n, p, *cand_tokens[level].shape[1:]).reshape(n * p, -1, c)
                 index, _ = find_nearest(query, keys)
                 self.arrays["matches"][level][self.start + i0:self.start + i0 + n] = index.view(n, p, t).cpu().numpy()
         self.clip_starts.append(stop)
@@ -233,15 +235,16 @@ def select_keyframes(feature_chunks: Iterable[torch.Tensor], latents: torch.Tens
     builder = _ClipBuilder({"matches": matches}, levels, params, device)
     seen = 0
     for chunk in feature_chunks:
+        host = chunk.cpu()  # the clip builder keeps features on the host (one transfer per chunk)
         i = 0
         if seen == 0:
-            builder.begin(0, chunk[0])
+            builder.begin(0, host[0])
             i = 1
         while i < len(chunk):
             # Score the rest of the chunk against the current clip's first frame, up to the next cut.
             mean, lowest = drift_scores(builder.reference, _tokens(chunk[i:].to(device), levels[0]), levels[0])
             for j in range(len(mean)):
-                frame = chunk[i + j]
+                frame = host[i + j]
                 drifted = bool(mean[j] < params.tau_mean or lowest[j] < params.tau_region)
                 if drifted or builder.length() >= params.max_clip_length:
                     builder.close()

@@ -11,7 +11,56 @@ from dataclasses import dataclass
 from .errors import LongEditError
 
 GIB = 2**30
-SAMPLER_COPIES = 4  # the sampler holds the latent batch several times (input, state, denoised, output)
+# fp32 full-batch latent copies in RAM at the sampler's peak, now that its state stays on the host: counted in
+# ComfyUI 0.3.64's samplers.py (state, noise, start latent, denoised, d, next x; per CFG branch the batched
+# input, the model output, the cond output and its count; the CFG result) -- a count, not a measurement
+SAMPLER_COPIES = 16
+MIN_WEIGHTS_ON_GPU = 128 * 2**20  # ComfyUI keeps at least this much of a model's weights loaded
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """What the sampling stage holds on one card: weights (as much as fit, the rest offloaded, as ComfyUI's
+    low-VRAM loading does), the activations of the largest pass, and the keyframe outputs a step keeps for
+    propagation. None of it depends on the number of frames, only on the keyframes per step."""
+
+    card_bytes: int  # the card's total memory, as the host reports it
+    reserved_bytes: int  # kept free by the host (CUDA context, ComfyUI's reserve)
+    weights_bytes: int
+    pass_bytes: int  # activations of the keyframe pass (the host's own estimate)
+    recorded_bytes: int = 0
+    chunk_pass_bytes: int = 0  # activations of one chunk of non-keyframes (sized to the free memory)
+
+    @property
+    def working_bytes(self) -> int:
+        return self.pass_bytes + self.recorded_bytes
+
+    @property
+    def room_for_weights(self) -> int:
+        return self.card_bytes - self.reserved_bytes - self.working_bytes
+
+    @property
+    def weights_on_gpu(self) -> int:
+        return int(max(0, min(self.weights_bytes, self.room_for_weights)))
+
+    @property
+    def offloads(self) -> bool:
+        return self.weights_on_gpu < self.weights_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.room_for_weights >= min(self.weights_bytes, MIN_WEIGHTS_ON_GPU)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weights_on_gpu + self.recorded_bytes + max(self.pass_bytes, self.chunk_pass_bytes)
+
+    def describe(self) -> str:
+        weights = (f"weights {self.weights_on_gpu / GIB:.2f} of {self.weights_bytes / GIB:.2f} GiB on the GPU "
+                   f"(rest offloaded)" if self.offloads else f"weights {self.weights_bytes / GIB:.2f} GiB")
+        return (f"GPU ~{self.peak_bytes / GIB:.2f} GiB of a {self.card_bytes / GIB:.1f} GiB card ({weights}, "
+                f"keyframe pass {self.pass_bytes / GIB:.2f} GiB, chunk pass {self.chunk_pass_bytes / GIB:.2f} GiB, "
+                f"kept keyframe outputs {self.recorded_bytes / GIB:.2f} GiB)")
 
 
 @dataclass(frozen=True)
@@ -23,7 +72,7 @@ class RunPlan:
     per_clip: int = 3
     attention_tokens: int = 0  # tokens over all attention levels of one frame (for the correspondences)
     chunk_frames: int | None = None
-    gpu_bytes: int | None = None  # the host's estimate for the keyframe pass, if it has one
+    gpu: GpuPlan | None = None  # the sampling stage on the card it runs on, if the host knows it
 
     @property
     def latent_bytes(self) -> int:
@@ -55,8 +104,8 @@ class RunPlan:
                  f"correspondences {self.matches_bytes / GIB:.2f})"]
         if self.chunk_frames:
             parts.append(f"non-keyframes in chunks of {self.chunk_frames}")
-        if self.gpu_bytes:
-            parts.append(f"GPU ~{self.gpu_bytes / GIB:.1f} GiB for the keyframe pass")
+        if self.gpu is not None:
+            parts.append(self.gpu.describe())
         return "LongEdit plan: " + "; ".join(parts)
 
 
@@ -87,7 +136,21 @@ def check_resources(plan: RunPlan, folder: str, ram: int | None = None, disk: in
             f"This run needs ~{plan.disk_bytes / GIB:.1f} GiB on disk in {folder} but {disk / GIB:.1f} GiB are free "
             f"({plan.describe()}).",
             "free disk space, use fewer steps or frames, or start ComfyUI with --temp-directory on a larger disk.")
+    check_gpu(plan)
     if ram is not None and plan.ram_bytes > 0.9 * ram:
         raise LongEditError(
             f"This run needs ~{plan.ram_bytes / GIB:.1f} GiB of RAM but {ram / GIB:.1f} GiB are available "
             f"({plan.describe()}).", "select fewer frames (frame_cap / every_nth) or a smaller size.")
+
+
+def check_gpu(plan: RunPlan) -> None:
+    """Refuse, with the numbers, an edit whose keyframe pass cannot fit the card even with the weights offloaded."""
+    gpu = plan.gpu
+    if gpu is None or gpu.fits:
+        return
+    raise LongEditError(
+        f"The keyframe pass needs ~{gpu.working_bytes / GIB:.2f} GiB on the GPU besides the weights, but this "
+        f"{gpu.card_bytes / GIB:.1f} GiB card leaves {(gpu.card_bytes - gpu.reserved_bytes) / GIB:.2f} GiB "
+        f"({plan.describe()}).",
+        "use fewer keyframes per step (a higher max_clip_length, lower tau_mean / tau_region in Keyframe "
+        "Selection), a smaller size, or a larger card.")

@@ -1,22 +1,25 @@
 """AdaFlow Keyframe Editing: MODEL -> MODEL patch running AdaFlow's keyframe pass at every sampling step."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import comfy.model_management as mm
 import comfy.patcher_extension
+import torch
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from comfy_api.latest import io
 
 from ..core.adaflow_attention import adaflow_self_attention
 from ..core.adaflow_edit import FeatureInjection, KeyframeEditor
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
-from ..core.run_plan import RunPlan
+from ..core.run_plan import GpuPlan, RunPlan, check_gpu
 from ..core.schedule import step_index
 from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
-from .comfy_glue import Progress, check_sd_unet
+from .comfy_glue import Progress, card_memory, check_sd_unet
 
 WRAPPER_KEY = "longedit_adaflow"
 PNP_ATTENTION_FROM_OUTPUT_BLOCK = 4  # TokenFlow/PnP: decoder self-attention from up_blocks[1].attentions[1] on
@@ -77,6 +80,11 @@ def with_adaflow(model, **settings):
     patched.model_options.setdefault("transformer_options", {})[CONFIG_KEY] = lambda: state
     if WRAPPER_KEY not in patched.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
         install_hooks(patched)
+    # ComfyUI decides from this cost whether cond and uncond share a model call; a batch of all frames costs
+    # its largest pass. Re-patched on every clone: it reads this clone's settings.
+    current = patched.get_model_object("memory_required")
+    full_cost = getattr(current, "full_cost", current)
+    patched.add_object_patch("memory_required", pass_memory_required(full_cost, state))
     return patched
 
 
@@ -100,7 +108,8 @@ def editor_for(state: dict) -> KeyframeEditor:
 
 
 def install_hooks(patched) -> None:
-    """attn1 replaces on every self-attention layer, PnP's feature injection, and the keyframe-pass wrapper."""
+    """attn1 replaces on every self-attention layer, PnP's feature injection, the keyframe-pass wrapper, and
+    the wrappers that keep a long video's sampling state on the host and size ComfyUI's load from the passes."""
     current = {"layout": None}
 
     def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
@@ -109,9 +118,11 @@ def install_hooks(patched) -> None:
                                 "conditionings.", "remove the ControlNet/inpainting conditioning from this graph.")
         editor = editor_for(transformer_options[CONFIG_KEY]())
         branches = len(transformer_options.get("cond_or_uncond", [0]))
-        # Non-keyframes run in chunks sized from the free memory: each frame costs branches + source.
+        # The model runs on its load device even when the sampler keeps the latents on the host. Non-keyframes
+        # run in chunks sized from that device's free memory: each frame costs branches + source.
+        editor.device = patched.load_device
         per_frame = patched.memory_required([branches + 1, *x.shape[1:]])
-        editor.chunk_frames = frames_per_chunk(mm.get_free_memory(x.device), per_frame, 1)
+        editor.chunk_frames = frames_per_chunk(mm.get_free_memory(editor.device), per_frame, 1)
         editor.on_progress = frame_progress(transformer_options)
 
         def run(x_in, sigma, context, layout):
@@ -132,6 +143,69 @@ def install_hooks(patched) -> None:
     original = patched.get_model_object(PNP_FEATURE_MODULE)
     patched.add_object_patch(PNP_FEATURE_MODULE, FeatureInjection(original, lambda: current["layout"]))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    # ComfyUI sizes the weights it keeps on the GPU from the sampler batch's cost; with a keyframe plan the
+    # model only ever sees one pass at a time, so the load follows the largest pass instead.
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
+                                 prepare_for_largest_pass)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, sample_on_host)
+
+
+def _adaflow_state(model_options: dict) -> dict | None:
+    holder = (model_options or {}).get("transformer_options", {}).get(CONFIG_KEY)
+    return holder() if holder is not None else None
+
+
+def largest_pass_frames(settings: dict, batch: int) -> int:
+    """Images in the one model call AdaFlow cannot shrink for a sampler batch of `batch` latents: the keyframe
+    pass, run one branch at a time (source + branch: 2 x keyframes); chunks of other frames fit what is free.
+    Without a keyframe plan every frame is a keyframe: the batch itself."""
+    plan = settings.get("keyframes") or settings.get("propagate")
+    inversion = settings.get("inversion")
+    if plan is None or inversion is None or batch < inversion.frame_count:
+        return batch  # already one pass (or not an AdaFlow batch)
+    return 2 * plan.clip_count
+
+
+def pass_memory_required(full_cost, state: dict):
+    """BaseModel.memory_required as the patched model needs it: a sampler batch of all frames costs its
+    largest pass, not all frames at once."""
+
+    def memory_required(input_shape, cond_shapes=None):
+        frames = largest_pass_frames(state["settings"], int(input_shape[0]))
+        return full_cost([frames, *input_shape[1:]], cond_shapes=cond_shapes or {})
+
+    memory_required.full_cost = full_cost
+    return memory_required
+
+
+def prepare_for_largest_pass(executor, model, noise_shape, conds, model_options=None):
+    """ComfyUI loads the weights so that the sampler batch's estimated activations stay free, offloading
+    weights when they would not (its low-VRAM mode). Ask for the keyframe pass as the minimum, so a long
+    video neither forces weights off nor loads past the card."""
+    state = _adaflow_state(model_options)
+    if state is not None:
+        frames = largest_pass_frames(state["settings"], 2 * int(noise_shape[0]))
+        if frames < 2 * int(noise_shape[0]):
+            noise_shape = [frames, *noise_shape[1:]]
+    return executor(model, noise_shape, conds, model_options=model_options)
+
+
+def sample_on_host(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+    """Run the sampler's own loop on host tensors when a keyframe plan is used: the full-batch latents,
+    noise and every intermediate of the sampler then live in RAM, and the apply-model wrapper moves only one
+    pass's frames to the GPU, so GPU memory does not grow with the number of frames."""
+    state = _adaflow_state(extra_args.get("model_options"))
+    settings = state["settings"] if state is not None else {}
+    if settings.get("keyframes") is None and settings.get("propagate") is None:
+        return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+    host = torch.device("cpu")
+
+    def to_host(t):
+        return t.to(host) if isinstance(t, torch.Tensor) else t
+
+    return executor(guider, to_host(sigmas), extra_args, callback, to_host(noise), to_host(latent_image),
+                    to_host(denoise_mask), disable_pbar)
 
 
 def frame_progress(transformer_options: dict):
@@ -199,16 +273,58 @@ class AdaFlowKeyframeEditing(io.ComfyNode):
         return io.NodeOutput(patched, ui={"text": [summary]})
 
 
-def describe_edit(model, inversion, keyframes) -> str:
-    """The run's memory plan in words: frames, keyframes, chunking, expected GPU / RAM / disk."""
+def self_attention_bytes_per_frame(diffusion_model, levels: list[tuple[int, int]], dtype_size: int) -> int:
+    """Bytes of one frame's self-attention outputs over every layer: what a keyframe pass keeps, per frame and
+    branch, for propagation. The token grid of a layer follows the down/upsamplers met before it."""
+    total, level = 0, 0
+
+    def add(block, level):
+        h, w = levels[min(level, len(levels) - 1)]
+        return sum(h * w * m.in_channels * len(m.transformer_blocks) for m in block if isinstance(m, SpatialTransformer))
+
+    for block in diffusion_model.input_blocks:
+        level += sum(isinstance(m, Downsample) for m in block)
+        total += add(block, level)
+    total += add(diffusion_model.middle_block, level)
+    for block in diffusion_model.output_blocks:
+        total += add(block, level)
+        level -= sum(isinstance(m, Upsample) for m in block)
+    return total * dtype_size
+
+
+def card_plan(model, inversion, keyframes) -> RunPlan:
+    """The sampling stage's memory plan on the card ComfyUI runs the model on: what stays on the GPU (as much
+    of the weights as fit, the largest pass, the kept keyframe outputs), in RAM and on disk."""
     frames = inversion.frame_count
     shape = tuple(inversion.trajectory.shape[2:])
     keys = keyframes.clip_count if keyframes is not None else frames
-    tokens = sum(h * w for h, w in keyframes.levels) if keyframes is not None else 0
-    per_frame = model.memory_required([3, *shape])
-    chunk = frames_per_chunk(mm.get_free_memory(mm.get_torch_device()), per_frame, 1)
+    device = model.load_device
+    base = model.model
+    full_cost = getattr(model.get_model_object("memory_required"), "full_cost", base.memory_required)
+    recorded = 0
+    if keyframes is not None:
+        per_frame = self_attention_bytes_per_frame(base.diffusion_model, keyframes.levels,
+                                                   mm.dtype_size(model.model_dtype()))
+        recorded = 3 * keys * per_frame  # source, uncond and cond outputs of every keyframe
+    total, outside = card_memory(device)
+    gpu = GpuPlan(card_bytes=total, reserved_bytes=outside + mm.extra_reserved_memory(),
+                  weights_bytes=model.model_size(),
+                  pass_bytes=int(full_cost([(2 if keyframes is not None else 3) * keys, *shape])),
+                  recorded_bytes=recorded)
+    # non-keyframe chunks take what the card has free at sampling time (the apply-model wrapper sizes them so)
+    per_chunk_frame = full_cost([3, *shape])
+    chunk = frames_per_chunk(total - outside - gpu.weights_on_gpu - recorded, per_chunk_frame, 1)
+    gpu = dataclasses.replace(gpu, chunk_pass_bytes=int(chunk * per_chunk_frame)) if keyframes is not None else gpu
     return RunPlan(frames=frames, latent_shape=shape, steps=inversion.steps,
                    clips=keys if keyframes is not None else None,
-                   per_clip=keyframes.per_clip if keyframes is not None else 0, attention_tokens=tokens,
-                   chunk_frames=chunk if keyframes is not None else None,
-                   gpu_bytes=model.memory_required([3 * keys, *shape]) + model.model_size()).describe()
+                   per_clip=keyframes.per_clip if keyframes is not None else 0,
+                   attention_tokens=sum(h * w for h, w in keyframes.levels) if keyframes is not None else 0,
+                   chunk_frames=chunk if keyframes is not None else None, gpu=gpu)
+
+
+def describe_edit(model, inversion, keyframes) -> str:
+    """The run's memory plan in words (frames, keyframes, chunking, GPU / RAM / disk); refuses, with the
+    numbers, an edit whose keyframe pass cannot fit the card."""
+    plan = card_plan(model, inversion, keyframes)
+    check_gpu(plan)
+    return plan.describe()

@@ -83,3 +83,14 @@ def latent_thumbnails(model, latents: torch.Tensor) -> np.ndarray:
     bias = torch.tensor(fmt.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=torch.float32)
     rgb = torch.einsum("nchw,cr->nhwr", fmt.process_in(latents.float()), factors) + bias
     return ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def card_memory(device) -> tuple[int, int]:
+    """(total memory of the device, the part held outside PyTorch's allocator: the CUDA context, other
+    processes). On the CPU: RAM and 0."""
+    total = int(mm.get_total_memory(device))
+    if getattr(device, "type", str(device)) != "cuda":
+        return total, 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return total, max(0, total - int(free) - torch.cuda.memory_reserved(device))
+

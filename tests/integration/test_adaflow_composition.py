@@ -92,7 +92,7 @@ edit_node.frames_per_chunk = lambda *a: 1  # one frame per chunk
 cancellable = propagate_from_keyframes(patch_model(model, inversion, plan, 1.0, 1.0, 20), plan)
 comfy.sample.sample(cancellable, torch.zeros_like(start), steps, 5.0, "ddim", "ddim_uniform", prompt, empty, start,
                     denoise=1.0, disable_noise=True, seed=0)
-assert len(passes) == steps * 3, passes  # per step: the keyframe, then two chunks of one frame
+assert len(passes) == steps * 4, passes  # per step: the keyframe (once per CFG branch), then two chunks of one frame
 passes.clear()
 mm.interrupt_current_processing(True)
 try:
@@ -101,7 +101,7 @@ try:
     raise AssertionError("Cancel was ignored")
 except mm.InterruptProcessingException:
     pass
-assert len(passes) == 1, passes  # stopped right after the keyframe pass of the first step
+assert len(passes) == 2, passes  # stopped right after the keyframe pass (both branches) of the first step
 KeyframeEditor._pass = original_pass
 
 # Other model families are refused with a message naming what is supported.

@@ -122,7 +122,7 @@ def test_progress_is_reported_per_chunk_and_cancel_stops_within_one_chunk():
     editor(counting_model, x, sigma, context, 2)
     n_key = len(plan.keyframes(1))
     chunks = -(-(FRAMES - n_key) // 3)
-    assert len(runs) == 1 + chunks
+    assert len(runs) == 2 + chunks  # the keyframe pass runs once per CFG branch (source + that branch)
     assert [d for d, _ in reports] == [n_key] + [min(FRAMES, n_key + 3 * (i + 1)) for i in range(chunks)]
     assert reports[-1] == (FRAMES, FRAMES)
 
@@ -134,4 +134,4 @@ def test_progress_is_reported_per_chunk_and_cancel_stops_within_one_chunk():
     editor.on_progress = cancel_after_first_chunk
     with pytest.raises(Cancelled):
         editor(counting_model, x, sigma, context, 2)
-    assert len(runs) == 2  # the keyframe pass and one chunk, not the remaining chunks
+    assert len(runs) == 3  # the keyframe pass (two branches) and one chunk, not the remaining chunks
