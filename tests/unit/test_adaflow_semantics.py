@@ -407,11 +407,14 @@ def test_source_batch_uses_this_steps_latents_and_each_layer_records_its_own_out
         return out
 
     editor(spy, x, torch.full((BRANCHES * FRAMES,), float(SIGMAS[step])), context, BRANCHES)
-    (x_key, layout), _ = calls
+    # the keyframe pass runs one CFG branch at a time ([source | branch b]), then one chunk of the rest
+    assert len(calls) == BRANCHES + 1
     keyframes = plan.candidates[np.arange(3), keyframe_slots(plan, step)]
-    assert torch.equal(x_key[:3], torch.from_numpy(inversion.trajectory[step][keyframes]).float())
-    assert set(layout.record) == {name for name, _, _ in LAYERS}
-    outs = [layout.record[name] for name, _, _ in LAYERS]
+    for x_key, _ in calls[:BRANCHES]:
+        assert torch.equal(x_key[:3], torch.from_numpy(inversion.trajectory[step][keyframes]).float())
+    record = calls[0][1].record.full  # the joint record [source | branch 0 | branch 1] propagation reads
+    assert set(record) == {name for name, _, _ in LAYERS}
+    outs = [record[name] for name, _, _ in LAYERS]
     assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1:] if a.shape == b.shape)
 
 
@@ -427,7 +430,8 @@ def test_a_float_chunk_size_from_a_host_estimate_is_accepted(setup):
         calls = []
         inner = run_under_test(model)
         outs.append(editor(lambda *a: calls.append(a[0].shape[0]) or inner(*a), x, sigma, context, BRANCHES))
-        assert calls[1:] == [3 * 3] * (len(calls) - 2) + [calls[-1]]
+        chunks = calls[BRANCHES:]  # after the per-branch keyframe passes: 3 frames x (source + branches)
+        assert chunks == [3 * (BRANCHES + 1)] * (len(chunks) - 1) + [chunks[-1]]
     assert torch.equal(outs[0], outs[1])
 
 

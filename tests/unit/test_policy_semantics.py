@@ -14,7 +14,7 @@ from longedit.core.errors import LongEditError
 from longedit.core.inversion import ddim_invert
 from longedit.core.isa_policy import IsaAttention, IsaSettings, context_range
 from longedit.core.keyframes import AAS_LEVEL, AksParams, select_keyframes
-from longedit.core.run_plan import GIB, RunPlan, available_ram, check_resources, free_disk
+from longedit.core.run_plan import GIB, SAMPLER_COPIES, GpuPlan, RunPlan, available_ram, check_resources, free_disk
 from longedit.kernels import isa_attention
 
 
@@ -59,16 +59,17 @@ def test_disk_and_ram_checks_count_everything_with_their_headroom(written, tmp_p
     with pytest.raises(LongEditError, match="on disk"):
         check_resources(run, str(tmp_path), ram=lots, disk=int(need / 0.95 * 0.999))
     # RAM: the sampler's copies of the float32 latent batch, 10 % headroom
-    ram_need = 4 * torch.zeros(frames, *shape).nbytes
+    ram_need = SAMPLER_COPIES * torch.zeros(frames, *shape).nbytes
     check_resources(run, str(tmp_path), ram=int(ram_need / 0.9 * 1.001), disk=lots)
     with pytest.raises(LongEditError, match="of RAM"):
         check_resources(run, str(tmp_path), ram=int(ram_need / 0.9 * 0.999), disk=lots)
 
 
 def test_describe_names_the_parts():
-    run = RunPlan(frames=1000, latent_shape=(4, 48, 84), steps=50, clips=None, chunk_frames=7, gpu_bytes=3 * GIB // 2)
+    gpu = GpuPlan(card_bytes=8 * GIB, reserved_bytes=GIB, weights_bytes=GIB, pass_bytes=GIB // 2)
+    run = RunPlan(frames=1000, latent_shape=(4, 48, 84), steps=50, clips=None, chunk_frames=7, gpu=gpu)
     text = run.describe()
-    assert "every frame a keyframe" in text and "chunks of 7" in text and "GPU ~1.5 GiB" in text
+    assert "every frame a keyframe" in text and "chunks of 7" in text and "GPU ~1.50 GiB of a 8.0 GiB card" in text
     assert f"trajectory {51 * 1000 * 4 * 48 * 84 * 2 / GIB:.2f}" in text
     assert "chunks" not in RunPlan(frames=10, latent_shape=(4, 8, 8), steps=5).describe()
 
