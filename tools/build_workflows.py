@@ -94,6 +94,9 @@ CHECKPOINT_NOTE = (
 RUNNER_NOTE = "From a shell: `python -m longedit run {command}` (see the pack's README, *Headless runner*)."
 
 
+NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"  # AdaFlow's own negative prompt (its configs)
+
+
 def edit_nodes(*, keyframes: bool, frame_cap: int, prefix: str) -> list[dict]:
     """The AdaFlow edit graph: with keyframes, selection + propagation (long videos); without, every frame
     is a keyframe (short clips)."""
@@ -104,9 +107,11 @@ def edit_nodes(*, keyframes: bool, frame_cap: int, prefix: str) -> list[dict]:
                                                     "height": 384}, size=[290, 470]),
         node(3, "LongEditEncodeVideo", [x[1], 0], links={"video": (2, 0), "vae": (1, 2)}, size=[240, 46]),
         node(4, "CLIPTextEncode", [x[1], 100], {"text": ""}, {"clip": (1, 1)},
-             title="Empty prompt (source, negative)", size=[400, 120]),
+             title="Empty prompt (source)", size=[400, 120]),
         node(5, "CLIPTextEncode", [x[1], 270], {"text": EDIT_PROMPT}, {"clip": (1, 1)}, title="Edit prompt",
              size=[400, 160]),
+        node(14, "CLIPTextEncode", [x[1], 470], {"text": NEGATIVE_PROMPT}, {"clip": (1, 1)},
+             title="Negative prompt (AdaFlow's)", size=[400, 120]),
     ]
     if keyframes:
         nodes += [
@@ -133,7 +138,7 @@ def edit_nodes(*, keyframes: bool, frame_cap: int, prefix: str) -> list[dict]:
             "add_noise": "disable", "noise_seed": 0, "control_after_generate": "fixed", "steps": 50, "cfg": 7.5,
             "sampler_name": "ddim", "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
             "return_with_leftover_noise": "disable"},
-             {"model": model, "positive": (5, 0), "negative": (4, 0), "latent_image": (9, 0)}, size=[310, 334]),
+             {"model": model, "positive": (5, 0), "negative": (14, 0), "latent_image": (9, 0)}, size=[310, 334]),
         node(13, "LongEditDecodeSaveVideo", [x[5], 0], {"filename_prefix": prefix, "crf": 19, "fps": 0},
              {"samples": (12, 0), "vae": (1, 2), "video": (2, 0)}, size=[400, 420]),
     ]
