@@ -123,14 +123,14 @@ def edit_nodes(*, keyframes: bool, frame_cap: int, prefix: str) -> list[dict]:
         ]
     nodes += [
         node(9, "LongEditAdaFlowInvert", [x[3], 0], {"steps": 50, "scheduler": "ddim_uniform"},
-             {"model": (1, 0), "latent": (3, 0), "source_prompt": (4, 0)}, size=[280, 122]),
-        node(10, "LongEditAdaFlowKeyframeEditing", [x[3], 170], {},
+             {"model": (1, 0), "latent": (3, 0), "source_prompt": (4, 0)}, size=[280, 146]),
+        node(10, "LongEditAdaFlowKeyframeEditing", [x[3], 200], {},
              {"model": (1, 0), "inversion": (9, 1), **({"keyframes": (6, 0)} if keyframes else {})},
              size=[280, 146]),
     ]
     model = (10, 0)
     if keyframes:
-        nodes.append(node(11, "LongEditAdaFlowLatentPropagation", [x[3], 360], {},
+        nodes.append(node(11, "LongEditAdaFlowLatentPropagation", [x[3], 390], {},
                           {"model": (10, 0), "keyframes": (6, 0)}, size=[280, 46]))
         model = (11, 0)
     nodes += [

@@ -147,8 +147,9 @@ def tiny_run_plan(nodes: list[dict], sample: str) -> tuple[list[tuple], dict]:
     for node in nodes:
         widgets = {w["name"]: w for w in node["widgets"]}
         wanted = dict(by_type.get(node["type"], {}))
-        if "steps" in widgets:
-            wanted["steps"] = STEPS
+        for name in ("steps", "inversion_steps"):  # AdaFlow Invert inverts on its own (finer) grid
+            if name in widgets:
+                wanted[name] = STEPS
         if node["type"] not in by_type and {"width", "height"} <= set(widgets):
             wanted.update(width=WIDTH, height=HEIGHT)
         for name, pattern, stand_in, _, _ in STAND_INS:

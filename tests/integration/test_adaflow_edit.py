@@ -3,7 +3,7 @@ import pytest
 
 from comfy_harness import CKPT, execution_error, load_video_node
 from longedit.core.sample_video import write_sample_video
-from longedit.core.video_source import probe_video
+from longedit.core.video_source import probe_video, read_audio
 
 STEPS = 3
 
@@ -25,7 +25,7 @@ def edit_graph(clip: str, *, sampler_steps: int = STEPS, with_keyframes: bool = 
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a watercolor painting", "clip": ["1", 1]}},
         "6": {"class_type": "LongEditAdaFlowInvert", "inputs": {
             "model": ["1", 0], "latent": ["3", 0], "source_prompt": ["4", 0], "steps": steps,
-            "scheduler": "ddim_uniform"}},
+            "scheduler": "ddim_uniform", "inversion_steps": steps}},
         "7": {"class_type": "LongEditAdaFlowKeyframeEditing", "inputs": {
             "model": ["1", 0], "inversion": ["6", 1], "pnp_attn_t": 0.8, "pnp_f_t": 0.8, "kv_budget": kv_budget}},
         "8": {"class_type": "KSamplerAdvanced", "inputs": {
@@ -82,8 +82,12 @@ def test_long_clip_with_scene_cuts_propagates_end_to_end(comfy):
     prompt["8"]["inputs"]["model"] = ["11", 0]
     entry = comfy.run(prompt)
     assert execution_error(entry) is None, execution_error(entry)
-    info = probe_video(saved_video(comfy, entry))
+    path = saved_video(comfy, entry)
+    info = probe_video(path)
     assert info.frame_count == 120 and float(info.fps) == 24 and info.audio is not None
+    # the audio is as long as the edited video (5 s): AAC codes 1024-sample frames, so allow two of them
+    samples, rate = read_audio(path, 0.0, 1e9)
+    assert abs(samples.shape[1] / rate - 120 / 24) <= 2 * 1024 / rate, samples.shape[1] / rate
 
 
 def test_propagation_without_keyframe_editing_says_what_is_missing(comfy, clip16):

@@ -21,7 +21,8 @@ from longedit.core.video_source import probe_video
 
 FRAMES = 12
 TINY = ["--set", f"Load Checkpoint.ckpt_name={CKPT}", "--set", f"2.frame_cap={FRAMES}", "--set", "2.width=112",
-        "--set", "2.height=64", "--set", "AdaFlow Invert (DDIM).steps=2", "--set", "12.steps=2"]
+        "--set", "2.height=64", "--set", "AdaFlow Invert (DDIM).steps=2",
+        "--set", "AdaFlow Invert (DDIM).inversion_steps=2", "--set", "12.steps=2"]
 TINY_KEYFRAMES = ["--set", "6.ensemble=1", "--set", f"6.max_clip_length={FRAMES // 2}"]
 
 

@@ -1,4 +1,5 @@
-"""Every chunked path under small reported free memory (chunks of 1-3 frames) equals the unchunked run.
+"""Every chunked path under small reported free memory (chunks of 1-3 frames) equals the unchunked run,
+and Cancel pressed during the first chunk stops each long node before its next chunk.
 
 Runs ComfyUI in-process on the CPU with small random-weight models of the real architectures (an SD2.x
 UNet and an image VAE built here, no checkpoint needed). ComfyUI's free memory is patched to a small
@@ -234,7 +235,8 @@ context = empty
 
 
 def invert(model):
-    out = invert_node.AdaFlowInvert.execute(model, {"samples": latents}, [[context, {}]], STEPS, "ddim_uniform")
+    out = invert_node.AdaFlowInvert.execute(model, {"samples": latents}, [[context, {}]], STEPS, "ddim_uniform",
+                                           inversion_steps=STEPS)
     return out.args
 
 
@@ -286,6 +288,37 @@ for branches, keyframes, elements in recorded_bytes:
     assert elements == (branches + 1) * keyframes * per_frame, (branches, keyframes, elements, per_frame)
 print(f"recorded keyframe outputs match the plan in {len(recorded_bytes)} keyframe passes")
 KeyframeEditor._pass = original_pass
+
+# ---- Cancel: pressed while the first chunk runs, every long node stops before its next chunk ----
+from comfy.model_management import InterruptProcessingException
+
+
+def cancelled_after_first_chunk(label, call):
+    updates = []
+    update = glue.Progress.update
+
+    def press_cancel(self, done):
+        update(self, done)
+        updates.append(done)
+        mm.interrupt_current_processing(True)  # the user presses Cancel while this chunk ran
+
+    glue.Progress.update = press_cancel
+    try:
+        run(1, call)
+    except InterruptProcessingException:
+        pass
+    else:
+        raise AssertionError(f"{label}: Cancel did not stop the node")
+    finally:
+        glue.Progress.update = update
+        mm.interrupt_current_processing(False)
+    assert len(updates) == 1, (label, updates)  # no second chunk was reported: it stopped within one
+    print(f"Cancel in {label}: stopped after its first chunk ({updates[0]} units done)")
+
+
+for label, call in (("keyframe selection", lambda: select(model32)), ("inversion", lambda: invert(model32)),
+                    ("keyframe editing + propagation", lambda: sample(model32))):
+    cancelled_after_first_chunk(label, call)
 print("OK")
 '''
 

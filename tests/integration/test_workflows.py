@@ -135,7 +135,7 @@ def tiny_adaflow(name: str) -> dict:
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=CKPT)
     set_inputs(prompt, "LongEditLoadVideo", frame_cap=FRAMES, width=WIDTH, height=HEIGHT)
     if name != "adaflow_keyframe_preview":
-        set_inputs(prompt, "LongEditAdaFlowInvert", steps=STEPS)
+        set_inputs(prompt, "LongEditAdaFlowInvert", steps=STEPS, inversion_steps=STEPS)
         set_inputs(prompt, "KSamplerAdvanced", steps=STEPS)
     if name != "adaflow_short_clip_edit":
         set_inputs(prompt, "LongEditAdaFlowKeyframeSelection", ensemble=1, max_clip_length=FRAMES // 2)
