@@ -86,7 +86,7 @@ def test_long_clip_with_scene_cuts_propagates_end_to_end(comfy):
     info = probe_video(path)
     assert info.frame_count == 120 and float(info.fps) == 24 and info.audio is not None
     # the audio is as long as the edited video (5 s): AAC codes 1024-sample frames, so allow two of them
-    samples, rate = read_audio(path, 0.0, 1e9)
+    samples, rate = read_audio(path, 0.0, 10.0)  # a window past the end: all of the file's audio
     assert abs(samples.shape[1] / rate - 120 / 24) <= 2 * 1024 / rate, samples.shape[1] / rate
 
 
