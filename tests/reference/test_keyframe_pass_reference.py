@@ -227,9 +227,13 @@ def test_keyframe_pass_and_propagation_match_the_reference(unet_pair, setup, ste
     ms = unet_pair.base.model_sampling
     out, calls, attn_outputs = our_step(unet_pair, inversion, plan, x, conds, step)
     assert out.shape == x.shape
-    (x_key, sigma_key, layout_key, den_key), *prop_calls = calls
     slots = slots_at(plan, step)
     clips = plan.clip_count
+    # The keyframe pass runs one CFG branch at a time, [source | uncond] then [source | cond]; laid side by side
+    # as [source | uncond | cond], it is the reference's one batch (both source halves must agree).
+    (x0, _, layout_key, d0), (x1, _, _, d1), *prop_calls = calls
+    assert torch.equal(x0[:clips], x1[:clips]) and torch.equal(d0[:clips], d1[:clips])
+    x_key, den_key = torch.cat([x0, x1[clips:]]), torch.cat([d0, d1[clips:]])
     keyframes = plan.candidates[np.arange(clips), slots]
     sigma = float(inversion.sigmas[step])
     t = TIMESTEPS[step]
@@ -287,9 +291,9 @@ def test_keyframe_pass_and_propagation_match_the_reference(unet_pair, setup, ste
         assert torch.equal(out[b * FRAMES + keyframes], den_key.view(3, clips, 4, *LATENT)[b + 1])
 
     # --- gathered attention outputs are exactly the keyframe outputs at the matched tokens
-    recorded = attn_outputs[0]
+    recorded = {block: torch.cat([out, attn_outputs[1][block][clips:]]) for block, out in attn_outputs[0].items()}
     start = 0
-    for (_, _, lay, _), outputs in zip(prop_calls, attn_outputs[1:]):
+    for (_, _, lay, _), outputs in zip(prop_calls, attn_outputs[2:]):
         n = lay.frames
         frames = others[start:start + n]
         for block, got in outputs.items():
