@@ -5,8 +5,10 @@ turns that call into a keyframe pass: the step's keyframes of every branch go th
 with the source branch (the inverted latents at this sigma, source conditioning), laid out as
 [source | branch 1 | branch 2 ...]; the outputs land in one preallocated batch in frame order. Frames
 that are not keyframes (only with a keyframe plan) then run in chunks: with propagation on, every
-self-attention layer hands them the output its keyframe pass recorded, gathered through the precomputed
-token correspondences (AdaFlow's propagation, all branches); without it, they attend within each frame.
+self-attention layer hands them the output its keyframe pass recorded (kept off the GPU, see
+adaflow_records), gathered through the precomputed token correspondences (AdaFlow's propagation, all
+branches); without it, they attend within each frame. A host that keeps the sampler's state itself may make
+the keyframe pass and the chunks separate calls (see adaflow_sampling).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from .adaflow_attention import PassLayout, Propagation, aas_selection, as_index, pnp_active_steps
+from .adaflow_records import KeyframeRecords
 from .errors import LongEditError
 from .inversion import Inversion
 from .keyframes import AAS_LEVEL, KeyframePlan
@@ -48,6 +51,8 @@ class KeyframeEditor:
         # for Cancel there (a step over 10,000 frames takes minutes) and moves its progress bar
         self.on_progress: Callable[[int, int], None] | None = None
         self._selection_cache: tuple[int, dict] | None = None
+        self.records: KeyframeRecords | None = None  # the latest keyframe pass's outputs, for propagation
+        self.record_folder: str | None = None  # keep them in files here (RAM short) instead of RAM
 
     def keyframes(self, step: int) -> np.ndarray:
         if self.plan is None:
@@ -67,38 +72,69 @@ class KeyframeEditor:
         return self._selection_cache[1]
 
     def __call__(self, run: RunModel, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                 branches: int) -> torch.Tensor:
-        """x [branches * F, c, h, w] in sampler space; returns the denoised batch of the same shape."""
-        frames = self.inversion.frame_count
-        if x.shape[0] != branches * frames:
+                 branches: int, frames_idx: np.ndarray | None = None,
+                 branch_ids: list[int] | None = None) -> torch.Tensor:
+        """x [branches * n, c, h, w] in sampler space: the n frames `frames_idx` (default: all frames, in order)
+        of each branch; returns the denoised batch of the same shape.
+
+        A call holding the step's keyframes runs the keyframe pass (all keyframes of the step must be in it:
+        they attend to each other); the other frames of the call run in chunks, taking the keyframe pass's
+        record of this step, so a host that keeps the sampler's state itself may call the keyframes first and
+        then chunks of other frames. `branch_ids` name the branches (ComfyUI: cond 0, uncond 1; default
+        0..branches-1), so that calls that hold different branches of one step share one record."""
+        call = np.arange(self.inversion.frame_count) if frames_idx is None else np.asarray(frames_idx)
+        branch_ids = list(range(branches)) if branch_ids is None else [int(b) for b in branch_ids]
+        if x.shape[0] != branches * len(call) or len(branch_ids) != branches:
             raise LongEditError(
                 f"The sampler gave {x.shape[0] // max(branches, 1)} frames per branch, but the inversion has "
-                f"{frames}.", "sample the LATENT that AdaFlow Invert output (same frames, same order).")
+                f"{self.inversion.frame_count}.",
+                "sample the LATENT that AdaFlow Invert output (same frames, same order).")
         step = self.inversion.step_of(float(sigma.flatten()[0]))
         out = torch.empty_like(x)
         keyframes = self.keyframes(step)
-        recorded = {} if self.propagate else None
-        if self.plan is not None and branches > 1:
+        is_key = np.isin(call, keyframes)
+        if is_key.any():
+            if is_key.sum() != len(keyframes):
+                raise ValueError("a model call holds some of the step's keyframes but not all of them")
+            self._keyframe_pass(run, x, sigma, context, call, np.nonzero(is_key)[0], step, branch_ids, out)
+            self.report(len(keyframes), len(call))
+        others = np.nonzero(~is_key)[0]
+        if len(others) and self.propagate and (self.records is None or self.records.step != step):
+            raise ValueError("a chunk of frames was called before its step's keyframe pass")
+        chunk_frames = max(1, int(self.chunk_frames))  # hosts may size chunks from float byte estimates
+        done = int(is_key.sum())
+        for i0 in range(0, len(others), chunk_frames):
+            local = others[i0:i0 + chunk_frames]
+            propagation = (self.propagation(call[local], step, branch_ids, self.compute_device(x))
+                           if self.propagate else None)
+            self._pass(run, x, sigma, context, len(call), local, call[local], step, extended=False, out=out,
+                       branch_pos=list(range(branches)), propagate=propagation)
+            done += len(local)
+            self.report(done, len(call))
+        return out
+
+    def _keyframe_pass(self, run: RunModel, x, sigma, context, call: np.ndarray, local: np.ndarray, step: int,
+                       branch_ids: list[int], out: torch.Tensor) -> None:
+        keyframes = call[local]
+        if self.propagate:
+            if self.records is None or self.records.clips != len(keyframes):
+                device = self.compute_device(x)
+                pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
+                self.records = KeyframeRecords(len(keyframes), pin=pin, folder=self.record_folder)
+            self.records.begin(step)
+        if self.plan is not None and len(branch_ids) > 1:
             # One branch at a time (with its own source rows): the keyframe pass, the one pass that grows with
             # the number of clips, then holds 2 x keyframes instead of (branches + 1) x keyframes; extended
             # attention never mixes branches, so this is the same computation. The source keyframes run once
             # per branch: a few frames per step.
-            for b in range(branches):
-                record = BranchRecord(recorded, b, branches) if recorded is not None else None
-                self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out, record=record,
-                           branch_ids=[b])
+            for b, branch in enumerate(branch_ids):
+                record = self.records.writer([branch]) if self.propagate else None
+                self._pass(run, x, sigma, context, len(call), local, keyframes, step, extended=True, out=out,
+                           branch_pos=[b], record=record)
         else:
-            self._pass(run, x, sigma, context, branches, keyframes, step, extended=True, out=out, record=recorded)
-        self.report(len(keyframes), frames)
-        others = np.setdiff1d(np.arange(frames), keyframes)
-        chunk_frames = max(1, int(self.chunk_frames))  # hosts may size chunks from float byte estimates
-        for i0 in range(0, len(others), chunk_frames):
-            chunk = others[i0:i0 + chunk_frames]
-            propagation = self.propagation(recorded, chunk, step, self.compute_device(x)) if self.propagate else None
-            self._pass(run, x, sigma, context, branches, chunk, step, extended=False, out=out,
-                       propagate=propagation)
-            self.report(len(keyframes) + i0 + len(chunk), frames)
-        return out
+            record = self.records.writer(branch_ids) if self.propagate else None
+            self._pass(run, x, sigma, context, len(call), local, keyframes, step, extended=True, out=out,
+                       branch_pos=list(range(len(branch_ids))), record=record)
 
     def compute_device(self, x: torch.Tensor):
         return self.device if self.device is not None else x.device
@@ -107,29 +143,32 @@ class KeyframeEditor:
         if self.on_progress is not None:
             self.on_progress(done, frames)
 
-    def propagation(self, recorded: dict, frames_idx: np.ndarray, step: int, device) -> Propagation:
-        """Gather indices of a chunk of non-keyframes into the keyframe pass's outputs, at every level.
-        The keyframe pass holds one keyframe per clip, in clip order, so clip c's keyframe is row c."""
+    def propagation(self, frames_idx: np.ndarray, step: int, branch_ids: list[int], device) -> Propagation:
+        """Gather indices of a chunk of non-keyframes into the records of the clips it spans, at every level:
+        frame f of clip c takes, for its token t, the output of token matches[f, t] of c's keyframe."""
         plan = self.plan
         clips = plan.clip_of(frames_idx)
+        spanned = np.unique(clips)
+        position = np.searchsorted(spanned, clips)  # the clip's place among the records on the device
         slots = plan.choice(step)[clips]
         index = {}
         for level, (h, w) in enumerate(plan.levels):
             tokens = h * w
             matches = torch.from_numpy(np.asarray(plan.matches[level][frames_idx, slots])).to(device).long()
-            index[tokens] = matches + torch.as_tensor(clips * tokens, device=device)[:, None]
+            index[tokens] = matches + torch.as_tensor(position * tokens, device=device)[:, None]
+        recorded = self.records.for_clips([int(c) for c in spanned], branch_ids, device)
         return Propagation(recorded=recorded, index=index)
 
-    def _pass(self, run: RunModel, x, sigma, context, branches: int, frames_idx: np.ndarray, step: int,
-              extended: bool, out: torch.Tensor, record: dict | None = None,
-              propagate: Propagation | None = None, branch_ids: list[int] | None = None) -> None:
-        frames = self.inversion.frame_count
+    def _pass(self, run: RunModel, x, sigma, context, rows_per_branch: int, local: np.ndarray,
+              frames_idx: np.ndarray, step: int, extended: bool, out: torch.Tensor, branch_pos: list[int],
+              record=None, propagate: Propagation | None = None) -> None:
+        """One model call for `frames_idx` (at positions `local` of each branch's `rows_per_branch` rows of x),
+        for the branches at positions `branch_pos`, after the source branch."""
         k = len(frames_idx)
         device = self.compute_device(x)
-        idx = as_index(frames_idx, x.device)
-        branch_ids = list(range(branches)) if branch_ids is None else branch_ids
-        rows = torch.cat([b * frames + idx for b in branch_ids])
-        branches = len(branch_ids)
+        idx = as_index(local, x.device)
+        rows = torch.cat([b * rows_per_branch + idx for b in branch_pos])
+        branches = len(branch_pos)
         source = self.inversion.latents_at(step, frames_idx).to(device, x.dtype)
         source_context = self.inversion.source_context.to(device, context.dtype)
         if source_context.shape[1:] != context.shape[1:]:
@@ -145,24 +184,6 @@ class KeyframeEditor:
         denoised = run(torch.cat([source, x[rows].to(device)]), sigma.flatten()[:1].to(device).expand(k * (branches + 1)),
                        torch.cat([source_context.expand(k, -1, -1), branch_context]), layout)
         out[rows] = denoised[k:].to(out.device, out.dtype)
-
-
-class BranchRecord(dict):
-    """The record of a keyframe pass run for one branch (layout [source | branch b]), written straight into
-    the rows of the full record [source | branch 0 | branch 1 ...] that propagation reads; the source row is
-    taken from the first branch's pass. No per-branch copy is kept."""
-
-    def __init__(self, full: dict, branch: int, branches: int):
-        super().__init__()
-        self.full, self.branch, self.branches = full, branch, branches
-
-    def __setitem__(self, layer, value: torch.Tensor) -> None:  # value [2, K*T, C]
-        if layer not in self.full:
-            self.full[layer] = value.new_empty((self.branches + 1, *value.shape[1:]))
-        target = self.full[layer]
-        if self.branch == 0:
-            target[0].copy_(value[0])
-        target[self.branch + 1].copy_(value[1])
 
 
 class FeatureInjection(nn.Sequential):

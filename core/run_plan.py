@@ -15,6 +15,9 @@ GIB = 2**30
 # ComfyUI 0.3.64's samplers.py (state, noise, start latent, denoised, d, next x; per CFG branch the batched
 # input, the model output, the cond output and its count; the CFG result) -- a count, not a measurement
 SAMPLER_COPIES = 16
+# Euler/DDIM taken pass by pass (core/adaflow_sampling.py): the LATENT the sampler got, its zero noise, the one
+# state tensor, and the output latent at the end -- counted in the same code, not measured
+PASS_BY_PASS_COPIES = 4
 MIN_WEIGHTS_ON_GPU = 128 * 2**20  # ComfyUI keeps at least this much of a model's weights loaded
 
 
@@ -28,12 +31,12 @@ class GpuPlan:
     reserved_bytes: int  # kept free by the host (CUDA context, ComfyUI's reserve)
     weights_bytes: int
     pass_bytes: int  # activations of the keyframe pass (the host's own estimate)
-    recorded_bytes: int = 0
+    recorded_bytes: int = 0  # the keyframe records on the device (those of the clips one chunk spans)
     chunk_pass_bytes: int = 0  # activations of one chunk of non-keyframes (sized to the free memory)
 
     @property
-    def working_bytes(self) -> int:
-        return self.pass_bytes + self.recorded_bytes
+    def working_bytes(self) -> int:  # the keyframe pass runs with no records on the device; chunks with them
+        return max(self.pass_bytes, self.recorded_bytes)
 
     @property
     def room_for_weights(self) -> int:
@@ -53,14 +56,14 @@ class GpuPlan:
 
     @property
     def peak_bytes(self) -> int:
-        return self.weights_on_gpu + self.recorded_bytes + max(self.pass_bytes, self.chunk_pass_bytes)
+        return self.weights_on_gpu + max(self.pass_bytes, self.recorded_bytes + self.chunk_pass_bytes)
 
     def describe(self) -> str:
         weights = (f"weights {self.weights_on_gpu / GIB:.2f} of {self.weights_bytes / GIB:.2f} GiB on the GPU "
                    f"(rest offloaded)" if self.offloads else f"weights {self.weights_bytes / GIB:.2f} GiB")
         return (f"GPU ~{self.peak_bytes / GIB:.2f} GiB of a {self.card_bytes / GIB:.1f} GiB card ({weights}, "
                 f"keyframe pass {self.pass_bytes / GIB:.2f} GiB, chunk pass {self.chunk_pass_bytes / GIB:.2f} GiB, "
-                f"kept keyframe outputs {self.recorded_bytes / GIB:.2f} GiB)")
+                f"keyframe records of the clips a chunk spans {self.recorded_bytes / GIB:.2f} GiB)")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class RunPlan:
     attention_tokens: int = 0  # tokens over all attention levels of one frame (for the correspondences)
     chunk_frames: int | None = None
     gpu: GpuPlan | None = None  # the sampling stage on the card it runs on, if the host knows it
+    sampler_copies: int = SAMPLER_COPIES  # float32 copies of all latents the sampler holds at its peak
+    record_bytes: int = 0  # the keyframe pass's record for propagation (every keyframe, source + 2 branches)
+    records_on_disk: bool = False  # the record is memory-mapped from disk (RAM too small to hold it)
 
     @property
     def latent_bytes(self) -> int:
@@ -90,18 +96,24 @@ class RunPlan:
 
     @property
     def ram_bytes(self) -> int:
-        return SAMPLER_COPIES * self.latent_bytes
+        return self.sampler_copies * self.latent_bytes + (0 if self.records_on_disk else self.record_bytes)
 
     @property
     def disk_bytes(self) -> int:
-        return self.trajectory_bytes + self.matches_bytes
+        return self.trajectory_bytes + self.matches_bytes + (self.record_bytes if self.records_on_disk else 0)
 
     def describe(self) -> str:
         keyframes = f"{self.clips} keyframes per step" if self.clips else "every frame a keyframe"
+        records = (f", keyframe records {self.record_bytes / GIB:.2f}" if self.record_bytes else "")
+        ram_records = records if not self.records_on_disk else ""
+        disk_records = records if self.records_on_disk else ""
+        latents = f"{self.sampler_copies} latent copies"
+        if self.sampler_copies != SAMPLER_COPIES:
+            latents += f" with euler/ddim, {SAMPLER_COPIES * self.latent_bytes / GIB:.2f} GiB with other samplers"
         parts = [f"{self.frames} frames, {keyframes}, {self.steps} steps",
-                 f"RAM ~{self.ram_bytes / GIB:.2f} GiB (latent batches)",
+                 f"RAM ~{self.ram_bytes / GIB:.2f} GiB ({latents}{ram_records})",
                  f"disk ~{self.disk_bytes / GIB:.2f} GiB (trajectory {self.trajectory_bytes / GIB:.2f}, "
-                 f"correspondences {self.matches_bytes / GIB:.2f})"]
+                 f"correspondences {self.matches_bytes / GIB:.2f}{disk_records})"]
         if self.chunk_frames:
             parts.append(f"non-keyframes in chunks of {self.chunk_frames}")
         if self.gpu is not None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 
 import comfy.model_management as mm
 import comfy.patcher_extension
@@ -13,15 +15,19 @@ from comfy_api.latest import io
 
 from ..core.adaflow_attention import adaflow_self_attention
 from ..core.adaflow_edit import FeatureInjection, KeyframeEditor
+from ..core.adaflow_sampling import euler_by_passes, passes_of_step
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
-from ..core.run_plan import GpuPlan, RunPlan, check_gpu
+from ..core.adaflow_records import ROWS
+from ..core.run_plan import PASS_BY_PASS_COPIES, SAMPLER_COPIES, GpuPlan, RunPlan, available_ram, check_gpu
 from ..core.schedule import step_index
 from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
-from .comfy_glue import Progress, card_memory, check_sd_unet
+from .comfy_glue import Progress, card_memory, check_sd_unet, scratch_dir
 
 WRAPPER_KEY = "longedit_adaflow"
+SPANNED_CLIPS = 2  # clips one chunk of (sorted) frames spans, but for chunks longer than a clip
+LEVEL_LAYERS = 5  # self-attention layers per level of SD's UNet (2 down, 3 up): one layer's stacked rows
 PNP_ATTENTION_FROM_OUTPUT_BLOCK = 4  # TokenFlow/PnP: decoder self-attention from up_blocks[1].attentions[1] on
 PNP_FEATURE_MODULE = "diffusion_model.output_blocks.4.0.out_layers"  # up_blocks[1].resnets[1], before the skip
 
@@ -116,14 +122,18 @@ def install_hooks(patched) -> None:
         if control is not None or c_concat is not None or kwargs:
             raise LongEditError("AdaFlow Keyframe Editing does not yet combine with ControlNet or concat/extra "
                                 "conditionings.", "remove the ControlNet/inpainting conditioning from this graph.")
-        editor = editor_for(transformer_options[CONFIG_KEY]())
-        branches = len(transformer_options.get("cond_or_uncond", [0]))
+        state = transformer_options[CONFIG_KEY]()
+        editor = editor_for(state)
+        branch_ids = list(transformer_options.get("cond_or_uncond", [0]))
+        branches = len(branch_ids)
+        if len(set(branch_ids)) < branches:  # several conds of one kind: name the branches by position
+            branch_ids = list(range(branches))
         # The model runs on its load device even when the sampler keeps the latents on the host. Non-keyframes
         # run in chunks sized from that device's free memory: each frame costs branches + source.
         editor.device = patched.load_device
-        per_frame = patched.memory_required([branches + 1, *x.shape[1:]])
-        editor.chunk_frames = frames_per_chunk(mm.get_free_memory(editor.device), per_frame, 1)
-        editor.on_progress = frame_progress(transformer_options)
+        editor.chunk_frames = chunk_size(patched, branches, x.shape[1:])
+        call_frames = state.get("call_frames")  # set by the pass-by-pass sampler, which owns the progress bar
+        editor.on_progress = frame_progress(transformer_options) if call_frames is None else None
 
         def run(x_in, sigma, context, layout):
             options = dict(transformer_options)
@@ -134,7 +144,7 @@ def install_hooks(patched) -> None:
             finally:
                 current["layout"] = None
 
-        return editor(run, x, t, c_crossattn, branches)
+        return editor(run, x, t, c_crossattn, branches, frames_idx=call_frames, branch_ids=branch_ids)
 
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for block in transformer_blocks(patched.model.diffusion_model):
@@ -147,7 +157,7 @@ def install_hooks(patched) -> None:
     # model only ever sees one pass at a time, so the load follows the largest pass instead.
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
                                  prepare_for_largest_pass)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, sample_on_host)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sample_on_host)
 
 
 def _adaflow_state(model_options: dict) -> dict | None:
@@ -190,22 +200,110 @@ def prepare_for_largest_pass(executor, model, noise_shape, conds, model_options=
     return executor(model, noise_shape, conds, model_options=model_options)
 
 
-def sample_on_host(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-                   disable_pbar=False):
-    """Run the sampler's own loop on host tensors when a keyframe plan is used: the full-batch latents,
-    noise and every intermediate of the sampler then live in RAM, and the apply-model wrapper moves only one
-    pass's frames to the GPU, so GPU memory does not grow with the number of frames."""
-    state = _adaflow_state(extra_args.get("model_options"))
+def chunk_size(model, branches: int, latent_shape) -> int:
+    """Frames of a non-keyframe pass that fit the model device's free memory (each costs branches + source)."""
+    per_frame = model.memory_required([branches + 1, *latent_shape])
+    return frames_per_chunk(mm.get_free_memory(model.load_device), per_frame, 1)
+
+
+def sample_on_host(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                   disable_pbar=False, seed=None):
+    """ComfyUI's outer sampling, with a long video's latents kept in RAM when a keyframe plan is used.
+
+    ComfyUI moves the noise and the latents of all frames to the GPU and its sampler keeps ~16 full-batch
+    copies; here they stay on the host and only each pass's frames travel to the GPU, so GPU memory does not
+    grow with the number of frames. With Euler/DDIM (AdaFlow's sampler) the step is taken pass by pass on
+    one state tensor (core/adaflow_sampling.py), so RAM holds ~4 copies of the latents instead of ~16; other
+    samplers run their own loop on the host tensors."""
+    guider = executor.class_obj
+    state = _adaflow_state(guider.model_options)
     settings = state["settings"] if state is not None else {}
     if settings.get("keyframes") is None and settings.get("propagate") is None:
-        return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+    import comfy.sampler_helpers as helpers
+    import comfy.samplers
+
+    # ComfyUI's outer_sample, less the moves of the full-batch tensors to the model's device
+    guider.inner_model, guider.conds, guider.loaded_models = helpers.prepare_sampling(
+        guider.model_patcher, noise.shape, guider.conds, guider.model_options)
+    device = guider.model_patcher.load_device
     host = torch.device("cpu")
+    noise, latent_image, sigmas = noise.to(host), latent_image.to(host), sigmas.to(host)
+    if denoise_mask is not None:
+        denoise_mask = helpers.prepare_mask(denoise_mask, noise.shape, host)
+    comfy.samplers.cast_to_load_options(guider.model_options, device=device, dtype=guider.model_patcher.model_dtype())
+    editor = editor_for(state)
+    plan = card_plan(guider.model_patcher, editor.inversion, editor.plan)
+    logging.info(plan.describe())
+    records = tempfile.mkdtemp(prefix="records_", dir=scratch_dir()) if plan.records_on_disk else None
+    editor.record_folder = records
+    try:
+        guider.model_patcher.pre_run()
+        if streamable(sampler, denoise_mask):
+            output = sample_by_passes(guider, state, noise, latent_image, sampler, sigmas, device, callback, seed)
+        else:
+            output = guider.inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                         disable_pbar, seed)
+    finally:
+        guider.model_patcher.cleanup()
+        editor.records = None  # the record (pinned RAM or files) is per run
+        if records is not None:
+            shutil.rmtree(records, ignore_errors=True)
+    helpers.cleanup_models(guider.conds, guider.loaded_models)
+    del guider.inner_model
+    del guider.loaded_models
+    return output
 
-    def to_host(t):
-        return t.to(host) if isinstance(t, torch.Tensor) else t
 
-    return executor(guider, to_host(sigmas), extra_args, callback, to_host(noise), to_host(latent_image),
-                    to_host(denoise_mask), disable_pbar)
+def streamable(sampler, denoise_mask) -> bool:
+    """Euler without churn (ComfyUI's "euler" and "ddim"), no inpainting mask: a step is taken frame by frame."""
+    import comfy.k_diffusion.sampling as k_sampling
+
+    return (getattr(sampler, "sampler_function", None) is k_sampling.sample_euler
+            and not getattr(sampler, "extra_options", None) and denoise_mask is None)
+
+
+def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, device, callback, seed):
+    """ComfyUI's inner_sample and KSAMPLER.sample for Euler, a step taken one pass of frames at a time."""
+    import comfy.model_patcher
+    import comfy.samplers
+
+    model = guider.inner_model
+    if torch.count_nonzero(latent_image) > 0:  # as ComfyUI: an empty latent is not shifted
+        latent_image = model.process_latent_in(latent_image)
+    guider.conds = comfy.samplers.process_conds(model, noise, guider.conds, device, latent_image, None, seed)
+    options = comfy.model_patcher.create_model_options_clone(guider.model_options)
+    options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+    x = model.model_sampling.noise_scaling(sigmas[0], noise, latent_image, sampler.max_denoise(guider, sigmas))
+    del latent_image
+    editor = editor_for(state)
+    frames, steps = x.shape[0], len(sigmas) - 1
+    branches = sum(1 for key in ("positive", "negative") if guider.conds.get(key))
+    progress = Progress(steps * frames)
+
+    def passes(step: int):
+        sigma = float(sigmas[step])
+        chunk = chunk_size(guider.model_patcher, branches, x.shape[1:])
+        return passes_of_step(frames, editor.keyframes(editor.inversion.step_of(sigma)), chunk)
+
+    def denoise(group, current, sigma):
+        state["call_frames"] = group
+        try:
+            return guider(current, sigma, model_options=options, seed=seed)
+        finally:
+            state["call_frames"] = None
+
+    def on_pass(step: int, done: int) -> None:
+        progress.check()
+        progress.update(step * frames + done)
+
+    def on_step(step, group, denoised, current):  # ComfyUI's preview and step bar: the step's keyframes
+        if callback is not None:
+            callback(step, denoised, current, steps)
+
+    x = euler_by_passes(x, sigmas, denoise, passes, on_pass, on_step)
+    x = model.model_sampling.inverse_noise_scaling(sigmas[-1], x)
+    return model.process_latent_out(x.to(torch.float32))
 
 
 def frame_progress(transformer_options: dict):
@@ -292,34 +390,44 @@ def self_attention_bytes_per_frame(diffusion_model, levels: list[tuple[int, int]
     return total * dtype_size
 
 
+RECORD_RAM_SHARE = 0.25  # keyframe records larger than this share of the available RAM go to disk
+
+
 def card_plan(model, inversion, keyframes) -> RunPlan:
     """The sampling stage's memory plan on the card ComfyUI runs the model on: what stays on the GPU (as much
-    of the weights as fit, the largest pass, the kept keyframe outputs), in RAM and on disk."""
+    of the weights as fit, the largest pass, the keyframe records of the clips a chunk spans), in RAM and on
+    disk."""
     frames = inversion.frame_count
     shape = tuple(inversion.trajectory.shape[2:])
     keys = keyframes.clip_count if keyframes is not None else frames
     device = model.load_device
     base = model.model
     full_cost = getattr(model.get_model_object("memory_required"), "full_cost", base.memory_required)
-    recorded = 0
+    on_device = record = 0
     if keyframes is not None:
         per_frame = self_attention_bytes_per_frame(base.diffusion_model, keyframes.levels,
                                                    mm.dtype_size(model.model_dtype()))
-        recorded = 3 * keys * per_frame  # source, uncond and cond outputs of every keyframe
+        record = ROWS * keys * per_frame  # source, uncond and cond outputs of every keyframe, off the GPU
+        # a chunk spans SPANNED_CLIPS clips; their records are copied over, then one layer's rows stacked
+        on_device = ROWS * min(keys, SPANNED_CLIPS) * per_frame + ROWS * SPANNED_CLIPS * per_frame // LEVEL_LAYERS
     total, outside = card_memory(device)
     gpu = GpuPlan(card_bytes=total, reserved_bytes=outside + mm.extra_reserved_memory(),
                   weights_bytes=model.model_size(),
                   pass_bytes=int(full_cost([(2 if keyframes is not None else 3) * keys, *shape])),
-                  recorded_bytes=recorded)
-    # non-keyframe chunks take what the card has free at sampling time (the apply-model wrapper sizes them so)
+                  recorded_bytes=int(on_device))
+    # non-keyframe chunks take what the card has free at sampling time (the sampler sizes them so)
     per_chunk_frame = full_cost([3, *shape])
-    chunk = frames_per_chunk(total - outside - gpu.weights_on_gpu - recorded, per_chunk_frame, 1)
+    chunk = frames_per_chunk(total - outside - gpu.weights_on_gpu - on_device, per_chunk_frame, 1)
     gpu = dataclasses.replace(gpu, chunk_pass_bytes=int(chunk * per_chunk_frame)) if keyframes is not None else gpu
+    ram = available_ram()
     return RunPlan(frames=frames, latent_shape=shape, steps=inversion.steps,
                    clips=keys if keyframes is not None else None,
                    per_clip=keyframes.per_clip if keyframes is not None else 0,
                    attention_tokens=sum(h * w for h, w in keyframes.levels) if keyframes is not None else 0,
-                   chunk_frames=chunk if keyframes is not None else None, gpu=gpu)
+                   chunk_frames=chunk if keyframes is not None else None, gpu=gpu,
+                   sampler_copies=PASS_BY_PASS_COPIES if keyframes is not None else SAMPLER_COPIES,
+                   record_bytes=int(record),
+                   records_on_disk=ram is not None and record > RECORD_RAM_SHARE * ram)
 
 
 def describe_edit(model, inversion, keyframes) -> str:

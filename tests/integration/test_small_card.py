@@ -253,20 +253,17 @@ plan = node_ref
 positive = [[torch.randn(1, 77, 64), {}]]
 negative = [[context, {}]]
 recorded_bytes = []
-original_pass = KeyframeEditor._pass
+original_keyframe_pass = KeyframeEditor._keyframe_pass
 
 
-def measuring_pass(self, run_, x, sigma, ctx, branches, frames_idx, step, extended, out, record=None, **kwargs):
-    original_pass(self, run_, x, sigma, ctx, branches, frames_idx, step, extended, out, record=record, **kwargs)
-    # with a keyframe plan the keyframe pass runs once per CFG branch, writing into one joint record
-    full = getattr(record, "full", record)
-    if record is None or getattr(record, "branch", branches - 1) != branches - 1:
-        return
-    itemsize = {t.element_size() for t in full.values()}.pop()
-    recorded_bytes.append((branches, len(frames_idx), sum(t.nbytes for t in full.values()) // itemsize))
+def measuring_keyframe_pass(self, run_, x, sigma, ctx, call, local, step, branch_ids, out):
+    original_keyframe_pass(self, run_, x, sigma, ctx, call, local, step, branch_ids, out)
+    # the record propagation reads: every layer's output for the source and each branch, kept off the device
+    itemsize = {t.element_size() for t in self.records.layers.values()}.pop()
+    recorded_bytes.append((len(branch_ids), len(local), self.records.nbytes // itemsize))
 
 
-KeyframeEditor._pass = measuring_pass
+KeyframeEditor._keyframe_pass = measuring_keyframe_pass
 
 
 def sample(model):
@@ -282,12 +279,41 @@ for label, frames in SMALL.items():
     check_small(f"edit {label}", used, frames)
     check_close(f"keyframe pass + propagation {label}", got, ref_out, truth_out)
 
+# Euler/DDIM steps pass by pass on one state tensor (what keeps RAM flat) against ComfyUI's own full-batch
+# sample_euler on the same host tensors (euler with an explicit s_churn=0 option is the same sampler, but not
+# one taken pass by pass): the same passes, the same per-element arithmetic, so the same bits.
+import comfy.samplers
+by_passes = []
+original_by_passes = edit_node.sample_by_passes
+edit_node.sample_by_passes = lambda *a, **k: by_passes.append(1) or original_by_passes(*a, **k)
+
+
+def sample_with(model, sampler):
+    patched = propagate_from_keyframes(edit_node.patch_model(model, ref_inv, plan, 1.0, 1.0, 2), plan)
+    start = model.model.process_latent_out(ref_inv.latents_at(0))
+    sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "ddim_uniform", STEPS)
+    guider = comfy.samplers.CFGGuider(patched)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(5.0)
+    return guider.sample(torch.zeros_like(start), start, sampler, sigmas, seed=0)
+
+
+for frames in SMALL.values():
+    streamed, _ = run(frames, lambda: sample_with(model32, comfy.samplers.sampler_object("ddim")))
+    assert len(by_passes) == 1, "ddim was not sampled pass by pass"
+    full, _ = run(frames, lambda: sample_with(model32, comfy.samplers.ksampler("euler", {"s_churn": 0.0})))
+    assert len(by_passes) == 1, "euler with options must run ComfyUI's own loop"
+    by_passes.clear()
+    assert torch.equal(streamed, full), (frames, (streamed - full).abs().max())
+    print(f"chunks of {frames}: Euler pass by pass == ComfyUI's full-batch sample_euler, bit for bit")
+edit_node.sample_by_passes = original_by_passes
+
 # The plan's kept keyframe outputs are what a keyframe pass records.
 per_frame = edit_node.self_attention_bytes_per_frame(base32.diffusion_model, plan.levels, 1)  # elements
 for branches, keyframes, elements in recorded_bytes:
-    assert elements == (branches + 1) * keyframes * per_frame, (branches, keyframes, elements, per_frame)
+    assert elements == 3 * keyframes * per_frame, (branches, keyframes, elements, per_frame)
 print(f"recorded keyframe outputs match the plan in {len(recorded_bytes)} keyframe passes")
-KeyframeEditor._pass = original_pass
+KeyframeEditor._keyframe_pass = original_keyframe_pass
 
 # ---- Cancel: pressed while the first chunk runs, every long node stops before its next chunk ----
 from comfy.model_management import InterruptProcessingException

@@ -412,7 +412,7 @@ def test_source_batch_uses_this_steps_latents_and_each_layer_records_its_own_out
     keyframes = plan.candidates[np.arange(3), keyframe_slots(plan, step)]
     for x_key, _ in calls[:BRANCHES]:
         assert torch.equal(x_key[:3], torch.from_numpy(inversion.trajectory[step][keyframes]).float())
-    record = calls[0][1].record.full  # the joint record [source | branch 0 | branch 1] propagation reads
+    record = calls[0][1].record.records.layers  # the joint record [source | branch 0 | branch 1], per clip
     assert set(record) == {name for name, _, _ in LAYERS}
     outs = [record[name] for name, _, _ in LAYERS]
     assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1:] if a.shape == b.shape)
