@@ -99,6 +99,31 @@ def import_comfy(comfy_dir: str, flags: list[str]) -> None:
     import comfy.sd  # noqa: F401
 
 
+class AnonPeak:
+    """Peak anonymous RSS (RssAnon), sampled every 50 ms: what the run needs in RAM. VmHWM also counts the
+    pages of memory-mapped files (trajectory, correspondences) that were read, which the kernel drops under
+    pressure."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while not self.stop.wait(0.05):
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+
+    def done(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
 def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -106,6 +131,7 @@ def folder_bytes(path: str) -> int:
 def child(args) -> None:
     import torch
 
+    anon = AnonPeak()
     if args.card and torch.cuda.is_available():
         simulate_card(args.card)
     import_comfy(args.comfy, ["--lowvram"] if args.vram == "low" else [])
@@ -123,6 +149,10 @@ def child(args) -> None:
     from longedit.nodes.adaflow_invert import make_eps
     from longedit.nodes.adaflow_keyframes import make_featurizer
     from longedit.nodes.adaflow_propagation import propagate_from_keyframes
+    import longedit.nodes.adaflow_edit as edit_node
+
+    if args.records_on_disk:  # as on a machine whose RAM is too small for the keyframe records
+        edit_node.RECORD_RAM_SHARE = 0.0
 
     frames, mode = args.child, args.mode
     model = comfy.sd.load_checkpoint_guess_config(os.path.join(args.comfy, "models", "checkpoints", CKPT),
@@ -191,7 +221,8 @@ def child(args) -> None:
         sample_peak = gpu("peak")
         result.update(aks_s=t1 - t0, invert_s=t2 - t1, sample_s=t4 - t3, keyframes=plan.clip_count,
                       gpu_peak=max(peak_before, sample_peak), sample_gpu_peak=sample_peak,
-                      sample_gpu_reserved=gpu("reserved"), rss_peak=peak_rss(), disk=folder_bytes(folder),
+                      sample_gpu_reserved=gpu("reserved"), rss_peak=peak_rss(), anon_peak=anon.done(),
+                      disk=folder_bytes(folder), records_on_disk=memory_plan.records_on_disk,
                       weights_on_gpu=sum(m.model_loaded_memory() for m in mm.current_loaded_models))
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -199,7 +230,7 @@ def child(args) -> None:
 def run(args, frames: int, mode: str, card: float, vram: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(frames), "--mode", mode, "--comfy", args.comfy,
            "--height", str(args.height), "--width", str(args.width), "--workdir", args.workdir,
-           "--card", str(card), "--vram", vram]
+           "--card", str(card), "--vram", vram] + (["--records-on-disk"] if args.records_on_disk else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("LongEdit plan"):
@@ -214,7 +245,7 @@ def run(args, frames: int, mode: str, card: float, vram: str) -> dict:
 
 HEADER = ("card | ComfyUI mode | frames | mode | ms per frame per step | vs floor | keyframes | plan GPU GiB | "
           "GPU peak GiB (sampling) | plan / measured | GPU reserved GiB | GPU peak GiB (run) | host peak GiB | "
-          "host MB per frame | disk MB per frame")
+          "host anon peak GiB | host MB per frame | disk MB per frame")
 
 
 def table_row(r: dict, floors: dict) -> str:
@@ -222,7 +253,7 @@ def table_row(r: dict, floors: dict) -> str:
     head = f"{card} | {r.get('vram', 'normal')}{' (' + r['vram_state'] + ')' if r.get('vram_state') else ''} | " \
            f"{r['frames']:,} | {r['mode']}"
     if "error" in r:
-        return head + f" | {r['error']}" + " | -" * 12
+        return head + f" | {r['error']}" + " | -" * 13
     per = r["sample_s"] / (r["frames"] * STEPS)
     floor = floors.get((r.get("card"), r.get("vram")))
     ratio = f"{per / floor:.2f}x" if floor else "-"
@@ -230,7 +261,8 @@ def table_row(r: dict, floors: dict) -> str:
     return (head + f" | {per * 1000:.2f} | {ratio} | {r['keyframes']} | "
             f"{plan / 2**30 if plan else 0:.2f} | {r['sample_gpu_peak'] / 2**30:.2f} | "
             f"{plan / r['sample_gpu_peak'] if plan and r['sample_gpu_peak'] else 0:.2f} | {r.get('sample_gpu_reserved', 0) / 2**30:.2f} | "
-            f"{r['gpu_peak'] / 2**30:.2f} | {r['rss_peak'] / 2**30:.2f} | {r['rss_peak'] / r['frames'] / 1e6:.3f} | "
+            f"{r['gpu_peak'] / 2**30:.2f} | {r['rss_peak'] / 2**30:.2f} | {r.get('anon_peak', 0) / 2**30:.2f} | "
+            f"{r['rss_peak'] / r['frames'] / 1e6:.3f} | "
             f"{r['disk'] / r['frames'] / 1e6:.3f}")
 
 
@@ -242,6 +274,40 @@ def print_table(rows: list[dict], width: int, height: int) -> None:
     print(" | ".join(["---"] * HEADER.count("|")) + " | ---")
     for r in sorted(rows, key=lambda r: (r.get("card") or 1e9, r.get("vram", ""), r["frames"], r["mode"])):
         print(table_row(r, floors))
+    print_projection(rows)
+
+
+def print_projection(rows: list[dict], frames: int = 100_000) -> None:
+    """Host RAM and disk per frame from two lengths on one card (the slope, so fixed costs such as the
+    weights and the CUDA context are not spread over frames), projected to `frames`; and the GPU peak's
+    growth with length."""
+    runs = {}
+    for r in rows:
+        if r["mode"] == "adaflow" and "error" not in r:
+            runs.setdefault((r.get("card"), r.get("vram"), bool(r.get("records_on_disk"))), []).append(r)
+    lines = []
+    for (card, vram, on_disk), rs in sorted(runs.items(), key=lambda kv: (kv[0][0] or 1e9, kv[0][1] or "", kv[0][2])):
+        rs = sorted(rs, key=lambda r: r["frames"])
+        if len(rs) < 2 or rs[-1]["frames"] == rs[0]["frames"]:
+            continue
+        a, b = rs[0], rs[-1]
+        span = b["frames"] - a["frames"]
+        ram = (b["rss_peak"] - a["rss_peak"]) / span
+        anon = (b.get("anon_peak", 0) - a.get("anon_peak", 0)) / span
+        disk = (b["disk"] - a["disk"]) / span
+        records = "files" if on_disk else "RAM"
+        lines.append(f"{card:g} GB {vram} | {records} | {a['frames']:,} -> {b['frames']:,} | {ram / 1e6:.3f} | "
+                     f"{(b['rss_peak'] + ram * (frames - b['frames'])) / 1e9:.1f} | {anon / 1e6:.3f} | "
+                     f"{(b.get('anon_peak', 0) + anon * (frames - b['frames'])) / 1e9:.1f} | {disk / 1e6:.3f} | "
+                     f"{b['sample_gpu_peak'] / a['sample_gpu_peak']:.3f} | {b['gpu_peak'] / a['gpu_peak']:.3f}")
+    if lines:
+        print(f"\nper frame, from the slope between two lengths ({STEPS} steps; the trajectory on disk grows with "
+              f"steps + 1); projected to {frames:,} frames")
+        print("card | keyframe records | lengths | host MB per frame | host GB projected | host anon MB per frame | "
+              "host anon GB projected | disk MB per frame | GPU peak ratio (sampling) | GPU peak ratio (run)")
+        print("--- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
+        for line in lines:
+            print(line)
 
 
 def main() -> int:
@@ -256,6 +322,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--out", default=None, help="append each row as a JSON line to this file")
     ap.add_argument("--report", nargs="*", default=None, help="print the table of rows from these JSON-lines files")
+    ap.add_argument("--records-on-disk", action="store_true",
+                    help="keep the keyframe records in files (as when RAM is short) to measure RAM without them")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="adaflow", help=argparse.SUPPRESS)
     ap.add_argument("--card", type=float, default=0.0, help=argparse.SUPPRESS)

@@ -269,13 +269,10 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
     import comfy.samplers
 
     model = guider.inner_model
-    if torch.count_nonzero(latent_image) > 0:  # as ComfyUI: an empty latent is not shifted
-        latent_image = model.process_latent_in(latent_image)
     guider.conds = comfy.samplers.process_conds(model, noise, guider.conds, device, latent_image, None, seed)
     options = comfy.model_patcher.create_model_options_clone(guider.model_options)
     options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-    x = model.model_sampling.noise_scaling(sigmas[0], noise, latent_image, sampler.max_denoise(guider, sigmas))
-    del latent_image
+    x = start_state(model, noise, latent_image, sigmas[0], sampler.max_denoise(guider, sigmas))
     editor = editor_for(state)
     frames, steps = x.shape[0], len(sigmas) - 1
     branches = sum(1 for key in ("positive", "negative") if guider.conds.get(key))
@@ -302,8 +299,24 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
             callback(step, denoised, current, steps)
 
     x = euler_by_passes(x, sigmas, denoise, passes, on_pass, on_step)
-    x = model.model_sampling.inverse_noise_scaling(sigmas[-1], x)
-    return model.process_latent_out(x.to(torch.float32))
+    for rows in frame_blocks(frames):  # ComfyUI's output transforms, block by block in place: no second copy
+        x[rows] = model.process_latent_out(model.model_sampling.inverse_noise_scaling(sigmas[-1], x[rows]))
+    return x
+
+
+def frame_blocks(frames: int, block: int = 256):
+    return [slice(i, min(i + block, frames)) for i in range(0, frames, block)]
+
+
+def start_state(model, noise, latent_image, sigma, max_denoise: bool) -> torch.Tensor:
+    """The sampler's first state (ComfyUI: noise_scaling(sigma, noise, process_latent_in(latent))), built block
+    by block into one tensor, so no full-batch intermediate exists beside it."""
+    shift = any(torch.count_nonzero(latent_image[rows]) > 0 for rows in frame_blocks(len(latent_image)))
+    x = torch.empty(noise.shape, dtype=noise.dtype)
+    for rows in frame_blocks(len(noise)):
+        latent = model.process_latent_in(latent_image[rows]) if shift else latent_image[rows]  # as ComfyUI
+        x[rows] = model.model_sampling.noise_scaling(sigma, noise[rows], latent, max_denoise)
+    return x
 
 
 def frame_progress(transformer_options: dict):
