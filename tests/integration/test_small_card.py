@@ -39,6 +39,7 @@ import longedit_pack.nodes.adaflow_invert as invert_node
 import longedit_pack.nodes.adaflow_edit as edit_node
 import longedit_pack.nodes.video_save as save_node
 import longedit_pack.core.keyframes as core_keyframes
+import longedit_pack.core.adaflow_records as core_records
 from longedit_pack.core.adaflow_edit import KeyframeEditor
 from longedit_pack.core.dift import dift_feature_chunks
 from longedit_pack.core.keyframes import AksParams, select_keyframes
@@ -307,6 +308,27 @@ for frames in SMALL.values():
     assert torch.equal(streamed, full), (frames, (streamed - full).abs().max())
     print(f"chunks of {frames}: Euler pass by pass == ComfyUI's full-batch sample_euler, bit for bit")
 edit_node.sample_by_passes = original_by_passes
+
+# Keyframe records in files (as when RAM is short): the same edit, and the files are gone afterwards.
+folders = []
+original_records = core_records.KeyframeRecords.__init__
+
+
+def recording_folder(self, clips, pin=False, folder=None):
+    folders.append(folder)
+    original_records(self, clips, pin=pin, folder=folder)
+
+
+core_records.KeyframeRecords.__init__ = recording_folder
+in_ram, _ = run(3, lambda: sample_with(model32, comfy.samplers.sampler_object("ddim")))
+assert folders and all(f is None for f in folders), folders
+edit_node.RECORD_RAM_SHARE, folders[:] = 0.0, []
+in_files, _ = run(3, lambda: sample_with(model32, comfy.samplers.sampler_object("ddim")))
+edit_node.RECORD_RAM_SHARE = 0.25
+core_records.KeyframeRecords.__init__ = original_records
+assert folders and all(f is not None and not os.path.exists(f) for f in folders), folders
+assert torch.equal(in_ram, in_files)
+print(f"keyframe records in files: the same edit, bit for bit; {len(set(folders))} record folder(s) removed")
 
 # The plan's kept keyframe outputs are what a keyframe pass records.
 per_frame = edit_node.self_attention_bytes_per_frame(base32.diffusion_model, plan.levels, 1)  # elements
