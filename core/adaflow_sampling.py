@@ -37,12 +37,13 @@ def passes_of_step(frames: int, keyframes: np.ndarray, chunk: int) -> Iterator[n
 @torch.no_grad()
 def euler_by_passes(x: torch.Tensor, sigmas: torch.Tensor, denoise: Denoise,
                     passes: Callable[[int], Iterator[np.ndarray]], on_pass: Callable[[int, int], None] | None = None,
-                    on_step: StepDone | None = None) -> torch.Tensor:
+                    on_step: StepDone | None = None, first_step: int = 0) -> torch.Tensor:
     """Euler steps over `sigmas` on the state `x` [F, ...] (updated in place and returned), each step taken
     over the frame groups `passes(step)` yields (they must cover every frame once). `on_pass(step, frames
-    done)` runs after each pass (progress, Cancel); `on_step` after each step's passes, with its first pass."""
+    done)` runs after each pass (progress, Cancel); `on_step` after each step's passes, with its first pass.
+    `first_step`: resume with `x` the state after step first_step - 1."""
     frames = x.shape[0]
-    for i in range(len(sigmas) - 1):
+    for i in range(first_step, len(sigmas) - 1):
         sigma, dt = sigmas[i], sigmas[i + 1] - sigmas[i]
         done, first = 0, None
         for group in passes(i):

@@ -16,6 +16,7 @@ from comfy_api.latest import io
 from ..core.adaflow_attention import adaflow_self_attention
 from ..core.adaflow_edit import FeatureInjection, KeyframeEditor
 from ..core.adaflow_sampling import euler_by_passes, passes_of_step
+from ..core.resume import Fingerprint, StepStore
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
 from ..core.adaflow_records import ROWS
@@ -23,7 +24,7 @@ from ..core.run_plan import PASS_BY_PASS_COPIES, SAMPLER_COPIES, GpuPlan, RunPla
 from ..core.schedule import step_index
 from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
-from .comfy_glue import Progress, card_memory, check_sd_unet, scratch_dir
+from .comfy_glue import Progress, card_memory, check_sd_unet, resume_dir, scratch_dir
 
 WRAPPER_KEY = "longedit_adaflow"
 SPANNED_CLIPS = 2  # clips one chunk of (sorted) frames spans, but for chunks longer than a clip
@@ -275,6 +276,15 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
     x = start_state(model, noise, latent_image, sigmas[0], sampler.max_denoise(guider, sigmas))
     editor = editor_for(state)
     frames, steps = x.shape[0], len(sigmas) - 1
+    store = StepStore(resume_dir(), RESUME_LIMIT_BYTES)
+    key = run_key(guider, state, noise, latent_image, sigmas, sampler, seed)
+    saved = store.load(key, x)
+    first_step = 0
+    if saved is not None and saved.steps == steps:
+        x, first_step = saved.state, saved.step + 1
+        logging.info(f"LongEdit: resuming at step {first_step + 1} of {steps} (an earlier run of this edit saved "
+                     f"the state after step {saved.step + 1})" if first_step < steps else
+                     f"LongEdit: an earlier run of this edit completed all {steps} steps: using its saved result")
     branches = sum(1 for key in ("positive", "negative") if guider.conds.get(key))
     progress = Progress(steps * frames)
 
@@ -295,13 +305,58 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
         progress.update(step * frames + done)
 
     def on_step(step, group, denoised, current):  # ComfyUI's preview and step bar: the step's keyframes
+        store.save(key, step, steps, x)  # before anything else: a Cancel from here on loses no step
         if callback is not None:
             callback(step, denoised, current, steps)
 
-    x = euler_by_passes(x, sigmas, denoise, passes, on_pass, on_step)
+    if first_step and callback is not None:
+        progress.update(first_step * frames)
+    x = euler_by_passes(x, sigmas, denoise, passes, on_pass, on_step, first_step=first_step)
     for rows in frame_blocks(frames):  # ComfyUI's output transforms, block by block in place: no second copy
         x[rows] = model.process_latent_out(model.model_sampling.inverse_noise_scaling(sigmas[-1], x[rows]))
     return x
+
+
+RESUME_LIMIT_BYTES = 64 * 2**30  # saved sampling states kept in all; the oldest other runs' go first
+WEIGHT_SAMPLE = 64  # elements hashed per weight tensor: tells checkpoints and patches apart cheaply
+
+
+def run_key(guider, state: dict, noise, latent_image, sigmas, sampler, seed) -> str:
+    """A digest of everything that determines this sampling run's states: the latents and noise, the
+    schedule, sampler, guidance and seed, the conditioning, the model's weights and weight patches (LoRAs),
+    and the AdaFlow inputs (inversion, keyframe plan, settings)."""
+    fp = Fingerprint().add("LongEdit sampling state v1")
+    fp.add([latent_image, noise, sigmas, seed, guider.cfg, getattr(sampler.sampler_function, "__name__", ""),
+            dict(getattr(sampler, "extra_options", {}))])
+    for name in sorted(guider.original_conds):
+        fp.add([name, [plain_value({k: v for k, v in c.items() if k != "uuid"}) for c in guider.original_conds[name]]])
+    patcher = guider.model_patcher
+    fp.add(type(patcher.model.model_config).__name__)
+    for name, weight in patcher.model.diffusion_model.state_dict().items():
+        fp.add(name).add(weight, sample=WEIGHT_SAMPLE)
+    fp.add(plain_value(patcher.patches), sample=WEIGHT_SAMPLE)
+    settings = state["settings"]
+    inversion = settings["inversion"]
+    fp.add([inversion.sigmas, inversion.source_context]).add(inversion.trajectory, sample=4096)
+    plan = settings.get("keyframes") or settings.get("propagate")
+    if plan is not None:
+        fp.add([plan.clip_starts, plan.candidates, plan.levels, repr(plan.params)])
+        fp.add(plan.matches, sample=4096).add(plan.aas_scores, sample=4096)
+    fp.add([settings.get(k) for k in ("pnp_attn_t", "pnp_f_t", "kv_budget")] + [settings.get("propagate") is not None])
+    return fp.hex()
+
+
+def plain_value(value):
+    """Conditioning entries and weight patches as tensors, lists and numbers: ComfyUI wraps them in objects
+    (CONDRegular's .cond, a LoRA adapter's .weights) that a digest cannot read otherwise."""
+    if isinstance(value, dict):
+        return {k: plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    for attribute in ("cond", "weights"):
+        if hasattr(value, attribute) and not isinstance(value, torch.Tensor):
+            return [type(value).__name__, plain_value(getattr(value, attribute))]
+    return value
 
 
 def frame_blocks(frames: int, block: int = 256):

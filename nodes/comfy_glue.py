@@ -23,6 +23,12 @@ def allowed_roots() -> list[str]:
             folder_paths.get_temp_directory()]
 
 
+def resume_dir() -> str:
+    """Where sampling states are kept between runs: under ComfyUI's user directory, because ComfyUI empties
+    its temp directory whenever it starts, and a resume after a restart is the point."""
+    return os.path.join(folder_paths.get_user_directory(), "longedit", "resume")
+
+
 def scratch_dir() -> str:
     path = os.path.join(folder_paths.get_temp_directory(), "longedit")
     os.makedirs(path, exist_ok=True)

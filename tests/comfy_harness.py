@@ -111,8 +111,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_comfy(base: Path) -> ComfyServer:
-    """Start ComfyUI on a free loopback port with `base` as its base directory; skip if not available."""
+def start_comfy(base: Path, restart: bool = False) -> ComfyServer:
+    """Start ComfyUI on a free loopback port with `base` as its base directory; skip if not available.
+    `restart`: `base` was set up by an earlier start (a restart after a crash: its folders are kept)."""
     root = os.environ.get("COMFYUI_PATH")
     if not root:
         pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; "
@@ -122,13 +123,16 @@ def start_comfy(base: Path) -> ComfyServer:
         pytest.skip(f"integration tier: COMFYUI_PATH={root} holds no ComfyUI main.py")
     python = _comfy_python(comfy_dir)
     ensure_checkpoint(comfy_dir)
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "longedit").symlink_to(REPO, target_is_directory=True)
-    (base / "models").symlink_to(comfy_dir / "models", target_is_directory=True)
-    for sub in ("input", "output", "temp", "user"):
-        (base / sub).mkdir()
+    if not restart:
+        (base / "custom_nodes").mkdir()
+        (base / "custom_nodes" / "longedit").symlink_to(REPO, target_is_directory=True)
+        (base / "models").symlink_to(comfy_dir / "models", target_is_directory=True)
+        for sub in ("input", "output", "temp", "user"):
+            (base / sub).mkdir()
     port = _free_port()
     log = base / "comfy.log"
+    if restart and log.exists():  # keep the earlier process's log beside the new one
+        log.rename(base / f"comfy.{int(time.time() * 1000)}.log")
     process = subprocess.Popen(
         [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
          str(base), "--disable-auto-launch"],

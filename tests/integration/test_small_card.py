@@ -113,6 +113,9 @@ def recording(fn):
 
 for module in (glue, keys_node, invert_node, edit_node):
     module.frames_per_chunk = recording(module.frames_per_chunk)
+# Each sampling run keeps its states in a fresh folder, so that runs compared here never resume from each
+# other (the resume section below uses one folder on purpose).
+edit_node.resume_dir = lambda: tempfile.mkdtemp()
 
 SMALL = {"1 frame": 1, "3 frames": 3}
 
@@ -329,6 +332,104 @@ core_records.KeyframeRecords.__init__ = original_records
 assert folders and all(f is not None and not os.path.exists(f) for f in folders), folders
 assert torch.equal(in_ram, in_files)
 print(f"keyframe records in files: the same edit, bit for bit; {len(set(folders))} record folder(s) removed")
+
+# ---- Resume: Cancel after a step, run again: only the steps after the last saved one run, same bits ----
+from comfy.model_management import InterruptProcessingException
+resume_folder = tempfile.mkdtemp()
+edit_node.resume_dir = lambda: resume_folder
+steps_run = []
+original_store_save = edit_node.StepStore.save
+
+
+def saving(self, key, step, steps, state):
+    steps_run.append(step)
+    original_store_save(self, key, step, steps, state)
+    if cancel_after.get("step") == step:
+        mm.interrupt_current_processing(True)  # Cancel pressed while the next step starts
+
+
+cancel_after = {}
+edit_node.StepStore.save = saving
+RESUME_STEPS = 4
+ddim = comfy.samplers.sampler_object("ddim")
+
+
+def sample_steps(model, steps=RESUME_STEPS, seed=0, prompt=None, cfg=5.0):
+    inv = inv4 if steps == RESUME_STEPS else ref_inv
+    patched = propagate_from_keyframes(edit_node.patch_model(model, inv, plan, 1.0, 1.0, 2), plan)
+    start = model.model.process_latent_out(inv.start_latents())
+    sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "ddim_uniform", steps)
+    guider = comfy.samplers.CFGGuider(patched)
+    guider.set_conds(prompt or positive, negative)
+    guider.set_cfg(cfg)
+    return guider.sample(torch.zeros_like(start), start, ddim, sigmas, seed=seed)
+
+
+def invert_steps(model, steps):
+    return invert_node.AdaFlowInvert.execute(model, {"samples": latents}, [[context, {}]], steps, "ddim_uniform",
+                                             inversion_steps=steps).args
+
+
+inv4 = invert_steps(model32, RESUME_STEPS)[1]
+edit_node.resume_dir = lambda: tempfile.mkdtemp()
+uninterrupted = sample_steps(model32)  # in a folder of its own
+edit_node.resume_dir = lambda: resume_folder
+steps_run.clear()
+cancel_after["step"] = 1
+try:
+    sample_steps(model32)
+except InterruptProcessingException:
+    pass
+else:
+    raise AssertionError("Cancel did not stop the sampler")
+finally:
+    mm.interrupt_current_processing(False)
+cancel_after.clear()
+assert steps_run == [0, 1], steps_run  # stopped in step 2 (0-based), after saving step 1
+steps_run.clear()
+resumed = sample_steps(model32)
+assert steps_run == [2, 3], steps_run  # the run again starts at step 2: no finished step is recomputed
+assert torch.equal(resumed, uninterrupted), (resumed - uninterrupted).abs().max()
+print("resume after Cancel: steps 2-3 run again, the result equals the uninterrupted run bit for bit")
+
+# A run that completed: queued again it takes the saved result and runs no step.
+steps_run.clear()
+again = sample_steps(model32)
+assert steps_run == [] and torch.equal(again, uninterrupted)
+
+# Anything that changes the result starts afresh: seed, prompt, guidance, model weights, steps.
+changed_model = copy.deepcopy(base32)
+with torch.no_grad():
+    next(changed_model.diffusion_model.output_blocks[-1].parameters()).add_(1e-3)
+changed32 = comfy.model_patcher.ModelPatcher(changed_model, load_device=cpu, offload_device=cpu)
+for label, call in (("seed", lambda: sample_steps(model32, seed=1)),
+                    ("prompt", lambda: sample_steps(model32, prompt=[[positive[0][0] + 0.01, {}]])),
+                    ("cfg", lambda: sample_steps(model32, cfg=4.0)),
+                    ("model", lambda: sample_steps(changed32)), ("steps", lambda: sample_steps(model32, steps=STEPS))):
+    steps_run.clear()
+    call()
+    assert steps_run == list(range(STEPS if label == "steps" else RESUME_STEPS)), (label, steps_run)
+
+# A damaged state file is detected by its checksum and never used: the run starts afresh.
+def damage_every_state(how):
+    for name in os.listdir(resume_folder):
+        path = os.path.join(resume_folder, name)
+        data = bytearray(open(path, "rb").read())
+        if how == "flip":
+            data[-5] ^= 0xFF  # a bit flip inside the state tensor (the header is at the front)
+        else:
+            data = data[: len(data) // 2]  # truncated, as by a crash mid-write
+        open(path, "wb").write(bytes(data))
+
+
+for how in ("flip", "truncate"):
+    damage_every_state(how)
+    steps_run.clear()
+    sample_steps(changed32)  # this run had completed: undamaged, it would run no step
+    assert steps_run == list(range(RESUME_STEPS)), (how, steps_run)
+edit_node.StepStore.save = original_store_save
+edit_node.resume_dir = lambda: tempfile.mkdtemp()
+print("resume: a changed seed, prompt, cfg or model starts afresh; damaged or truncated states are not used")
 
 # The plan's kept keyframe outputs are what a keyframe pass records.
 per_frame = edit_node.self_attention_bytes_per_frame(base32.diffusion_model, plan.levels, 1)  # elements
