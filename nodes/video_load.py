@@ -118,8 +118,9 @@ class LoadLongVideo(io.ComfyNode):
                 io.Int.Input("every_nth", default=1, min=1, max=1000,
                              tooltip="Keep every n-th frame; the frame rate is divided by n so timing is kept."),
                 io.Float.Input("force_fps", default=0, min=0, max=240, step=0.001,
-                               tooltip="Resample to this frame rate (frames are repeated or dropped). 0 keeps the "
-                                       "source rate; a variable-rate source is put on a grid of its mean rate."),
+                               tooltip="Resample to this frame rate (frames are repeated or dropped). 0: every frame "
+                                       "once at the source rate (variable-rate: the median interval; gaps are "
+                                       "closed, not filled)."),
                 io.Int.Input("width", default=0, min=0, max=16384, step=8,
                              tooltip="Output width. 0: from the source (or from height, keeping the aspect)."),
                 io.Int.Input("height", default=0, min=0, max=16384, step=8,
@@ -184,15 +185,16 @@ class LoadLongVideo(io.ComfyNode):
                               multiple=int(size_multiple))
         long_video = select_frames(probe_video(source), selection)
         count = long_video.frame_count
+        requested = images
         if images == IMAGES_AUTO:
             images = IMAGES_ALL if _images_connected(cls.hidden.prompt, cls.hidden.unique_id) else IMAGES_FIRST
         if images == IMAGES_ALL and count > image_frame_cap:
             gb = count * long_video.width * long_video.height * 12 / 1e9
             raise LongEditError(
-                f"'all selected frames' would decode {count} frames into RAM ({gb:.1f} GB as IMAGE), more than "
+                f"images='{requested}' would decode {count} frames into RAM ({gb:.1f} GB as IMAGE), more than "
                 f"image_frame_cap={image_frame_cap}.",
-                "connect the 'video' output to Encode Video / Save instead (they stream), or raise "
-                "image_frame_cap, or lower frame_cap.")
+                "connect the 'video' output to Encode Video / Save instead (they stream) and leave IMAGE "
+                "unconnected, or raise image_frame_cap, or lower frame_cap.")
         frames = read_frames(long_video, 0, count if images == IMAGES_ALL else 1)
         image_tensor = torch.from_numpy(frames).float().div_(255.0)
         audio = read_audio(source, long_video.start_time, long_video.end_time) if long_video.source.audio else None

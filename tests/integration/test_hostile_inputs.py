@@ -316,7 +316,7 @@ CASES: list[Case] = [
     Case("zero_frames", roundtrip("empty.mp4"), Err("zero frames", "pick another video")),
     Case("audio_only", roundtrip("voice.m4a"), Err("audio file", "pick a video file")),
     # ---- outputs -----------------------------------------------------------------------------------------
-    Case("output_symlink_folder", save_only(video=["1", 0], filename_prefix="outlink/x"),
+    Case("output_symlink_folder", save_only(video=["1", 0], filename_prefix="outlink/new/x"),
          Err("outside ComfyUI's output directory", "real folders")),
     Case("output_dotdot", save_only(video=["1", 0], filename_prefix="../escape"),
          Err("leads outside ComfyUI's output directory", "without '..'")),
@@ -365,6 +365,9 @@ CASES: list[Case] = [
     Case("default_images_output_feeds_saver", lambda ctx: {
         "1": load_video_node(BASIC, images=default_of(ctx.comfy, "LongEditLoadVideo", "images")),
         "2": save_node(["1", 1], None, fps=["1", 3])}, Out(12, (64, 48))),
+    Case("auto_images_over_cap", lambda ctx: {
+        "1": load_video_node(BASIC, images=AUTO, image_frame_cap=5),
+        "2": save_node(["1", 1], ["1", 0])}, Err("would decode 12 frames", "image_frame_cap")),
     Case("image_batch_from_core_node", lambda ctx: {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 24, "height": 16, "batch_size": 5, "color": 0}},
         "2": save_node(["1", 0], None, fps=8.0, format="mp4 (h264)")}, Out(5, (24, 16), fps=8)),
@@ -471,7 +474,9 @@ def _existing(comfy) -> set[Path]:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input(comfy, corpus, case):
     before = _existing(comfy)
+    outside_before = sorted(corpus.outside.rglob("*"))
     entry = comfy.run(case.prompt(corpus), timeout=300)
+    assert sorted(corpus.outside.rglob("*")) == outside_before, "something was created outside ComfyUI's folders"
     expect = case.expect
     if isinstance(expect, Err):
         message = str(entry["rejected"]) if "rejected" in entry else execution_error(entry)
