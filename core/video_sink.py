@@ -19,6 +19,7 @@ log = logging.getLogger("longedit")
 # Channel layouts the audio encoders used here (AAC, FLAC, PCM) take, by channel count. ComfyUI's AUDIO
 # carries no layout, so a count maps to FFmpeg's usual layout of that many channels. More channels than
 # these are downmixed to stereo (with a warning): PyAV cannot pass 8 or more planar channels to an encoder.
+TIMED_TIME_BASE = Fraction(1, 90000)  # for frames on their own timestamps (MPEG's clock; mkv keeps ms)
 LAYOUT_BY_CHANNELS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1"}
 
 
@@ -226,7 +227,7 @@ class VideoWriter:
 
     def __init__(self, final_path: str, fmt: str, fps: float | Fraction, width: int, height: int,
                  crf: int = 19, audio: AudioFromFile | AudioWaveform | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, frame_times: np.ndarray | None = None):
         if fmt not in OUTPUT_FORMATS:
             raise LongEditError(f"Unknown output format '{fmt}'.", f"pick one of {FORMAT_LABELS}.")
         self.format = OUTPUT_FORMATS[fmt]
@@ -236,6 +237,9 @@ class VideoWriter:
         self.crf = crf
         self.audio_source = audio
         self.metadata = metadata or {}
+        # Seconds at which each frame is shown (a variable-rate source's own timing); None: k / fps.
+        self.frame_times = None if frame_times is None else np.asarray(frame_times, dtype=np.float64)
+        self._last_pts = -1
         self.frames_written = 0
         self._atomic = None
         self._container = None
@@ -266,6 +270,8 @@ class VideoWriter:
             for key, value in self.metadata.items():
                 self._container.metadata[key] = value if isinstance(value, str) else json.dumps(value)
         stream = self._container.add_stream(fmt.codec, rate=self.fps)
+        if self.frame_times is not None:
+            stream.codec_context.time_base = TIMED_TIME_BASE
         stream.width, stream.height = width + width % 2, height + height % 2
         if fmt.pix_fmt == "rgb24" or fmt.codec == "prores_ks":
             stream.width, stream.height = width, height  # no chroma subsampling: any size
@@ -322,12 +328,31 @@ class VideoWriter:
             if pad_w or pad_h:  # yuv420p needs even sides: repeat the last row/column
                 image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = self.frames_written
+            frame.pts = self._next_pts()
+            if self.frame_times is not None:
+                frame.time_base = TIMED_TIME_BASE
             for packet in self._stream.encode(frame):
                 self._container.mux(packet)
             self.frames_written += 1
         if self._audio is not None:
-            self._audio.mux_until(self._audio_container or self._container, self.frames_written / float(self.fps))
+            self._audio.mux_until(self._audio_container or self._container, self._time_of(self.frames_written))
+
+    def _time_of(self, k: int) -> float:
+        if self.frame_times is not None and k < len(self.frame_times):
+            return float(self.frame_times[k])
+        return k / float(self.fps)
+
+    def _next_pts(self) -> int:
+        """The next frame's timestamp: its index at 1/fps, or its own time in TIMED_TIME_BASE units (kept
+        strictly increasing should two source times round to the same unit)."""
+        if self.frame_times is None:
+            return self.frames_written
+        if self.frames_written >= len(self.frame_times):
+            raise LongEditError(f"More frames than the {len(self.frame_times)} timestamps given.",
+                                "give one timestamp per frame.")
+        pts = max(round(self.frame_times[self.frames_written] / TIMED_TIME_BASE), self._last_pts + 1)
+        self._last_pts = pts
+        return pts
 
     # -- finishing ---------------------------------------------------------------------------------
     def _finish(self) -> None:

@@ -69,7 +69,7 @@ class Selection:
     start_unit: str = "frame"  # "frame" or "second" (seconds from the first frame)
     frame_cap: int = 0  # 0: no cap
     every_nth: int = 1
-    force_fps: float = 0.0  # 0: every frame once at the source's typical rate (gaps are closed, not filled)
+    force_fps: float = 0.0  # 0: every frame once, on its own timestamp (a variable-rate source's gaps stay gaps)
     width: int = 0  # 0: from the source (keeping the aspect if the other side is given)
     height: int = 0
     resize_mode: str = "crop"
@@ -97,10 +97,19 @@ class LongVideo:
     fps: Fraction
     start_time: float  # absolute stream time of output frame 0
     geometry: Geometry
+    # Seconds from start_time at which each output frame is shown, when the frames keep a variable-rate
+    # source's own timing; None: frame k at k / fps.
+    times: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def frame_count(self) -> int:
         return len(self.source_indices)
+
+    @property
+    def output_times(self) -> np.ndarray:
+        if self.times is not None:
+            return self.times
+        return np.arange(self.frame_count, dtype=np.float64) / float(self.fps)
 
     @property
     def width(self) -> int:
@@ -112,11 +121,14 @@ class LongVideo:
 
     @property
     def end_time(self) -> float:
+        """When the last output frame stops being shown (absolute stream time)."""
+        if self.times is not None:
+            return self.start_time + float(self.times[-1]) + 1.0 / float(self.fps)
         return self.start_time + self.frame_count / float(self.fps)
 
     @property
     def duration(self) -> float:
-        return self.frame_count / float(self.fps)
+        return self.end_time - self.start_time
 
     def describe(self) -> str:
         src = self.source
@@ -280,13 +292,14 @@ def select_frames(info: SourceInfo, sel: Selection) -> LongVideo:
         indices = np.searchsorted(times, grid + _TIME_EPS, side="right") - 1
         indices = np.clip(indices, 0, info.frame_count - 1)
     else:
-        # The frames that exist, each once, in timestamp order, shown at the source's typical rate: gaps and
-        # rate changes of a variable-rate source are closed, not filled with repeated frames.
+        # The frames that exist, each once, in timestamp order: a variable-rate source's frames keep their
+        # own times (gaps are not filled with repeated frames); `rate` is its typical rate.
         rate = info.fps
         indices = np.arange(first, info.frame_count, dtype=np.int64)
     indices = indices[:: sel.every_nth]
     if sel.frame_cap:
         indices = indices[: sel.frame_cap]
+    shown_at = times[indices] - start_time if info.is_vfr and sel.force_fps <= 0 else None
     if len(indices) == 0:
         raise LongEditError(
             f"The selection holds zero frames (start {sel.start:g} {sel.start_unit}s, every "
@@ -295,7 +308,7 @@ def select_frames(info: SourceInfo, sel: Selection) -> LongVideo:
         )
     return LongVideo(
         source=info, selection=sel, source_indices=indices.astype(np.int64), fps=rate / sel.every_nth,
-        start_time=start_time, geometry=plan_geometry(info.width, info.height, sel),
+        start_time=start_time, geometry=plan_geometry(info.width, info.height, sel), times=shown_at,
     )
 
 

@@ -119,8 +119,8 @@ class LoadLongVideo(io.ComfyNode):
                              tooltip="Keep every n-th frame; the frame rate is divided by n so timing is kept."),
                 io.Float.Input("force_fps", default=0, min=0, max=240, step=0.001,
                                tooltip="Resample to this frame rate (frames are repeated or dropped). 0: every frame "
-                                       "once at the source rate (variable-rate: the median interval; gaps are "
-                                       "closed, not filled)."),
+                                       "once on its own timestamp (a variable-rate source keeps its timing "
+                                       "through the save nodes; gaps are not filled)."),
                 io.Int.Input("width", default=0, min=0, max=16384, step=8,
                              tooltip="Output width. 0: from the source (or from height, keeping the aspect)."),
                 io.Int.Input("height", default=0, min=0, max=16384, step=8,
@@ -151,7 +151,8 @@ class LoadLongVideo(io.ComfyNode):
                                      tooltip="Lazy handle for Encode Video and the save nodes (no frames decoded)."),
                 io.Image.Output(display_name="images", tooltip="See the 'images' input."),
                 io.Audio.Output(display_name="audio", tooltip="The audio of the selected range (None if silent)."),
-                io.Float.Output(display_name="fps", tooltip="Frame rate of the selection."),
+                io.Float.Output(display_name="fps", tooltip="Frame rate of the selection (of a variable-rate "
+                                                                    "source: its median frame interval)."),
                 io.Int.Output(display_name="frame_count", tooltip="Frames in the selection."),
                 io.String.Output(display_name="info", tooltip="A one-line description of source and selection."),
             ],

@@ -29,8 +29,9 @@ def _common_inputs() -> list:
         io.Int.Input("crf", default=19, min=0, max=51,
                      tooltip="h264/h265 quality: lower is better and bigger (17-23 is typical)."),
         io.Float.Input("fps", default=0, min=0, max=240, step=0.001,
-                       tooltip="Frame rate of the file. 0: the rate of the connected 'video' (an error if none "
-                               "is connected). Connect Load Video's 'fps' output here for IMAGE frames."),
+                       tooltip="Frame rate of the file. 0: the rate of the connected 'video' (a variable-rate "
+                               "source's frames keep their own timestamps; an error if no video is "
+                               "connected). Connect Load Video's 'fps' output here for IMAGE frames."),
         LongVideoType.Input("video", optional=True,
                             tooltip="The source video handle: gives the frame rate, the frame count to check, "
                                     "and its audio (copied untouched, trimmed to the selection)."),
@@ -76,10 +77,12 @@ def write_video(frames: Iterator[np.ndarray], total: int, width: int, height: in
     """Stream uint8 chunks into a new output file; show it in the UI and return its path."""
     spec = OUTPUT_FORMATS[fmt]
     rate, sound = _fps_for(fps, video), _audio_for(video, audio)
+    # With fps 0 and the handle of a variable-rate source, frames keep their own timestamps (gaps stay gaps).
+    times = video.times if fps <= 0 and video is not None and video.frame_count == total else None
     final_path, filename, subfolder = output_target(prefix, spec.extension, width, height)
     progress = Progress(total)
     with VideoWriter(final_path, fmt, rate, width, height, crf=crf, audio=sound,
-                     metadata=_metadata(hidden)) as writer:
+                     metadata=_metadata(hidden), frame_times=times) as writer:
         for chunk in frames:
             progress.check()
             writer.write(chunk)

@@ -225,6 +225,19 @@ def _png_count_check(expected: int):
     return check
 
 
+GAP_TIMES = [0.0, 0.042, 1000.0]
+VFR_TIMES = list(np.concatenate([np.arange(10) * 0.02, 0.2 + np.arange(10) * 0.1]))
+
+
+def _times(expected):
+    """Every frame once, shown at its source time (relative to the first): gaps are not filled."""
+    def check(path: Path):
+        with av.open(str(path)) as c:
+            shown = sorted(float(f.pts * f.time_base) for f in c.decode(video=0))
+        assert np.allclose(np.array(shown) - shown[0], np.array(expected) - expected[0], atol=1.5e-3), shown
+    return check
+
+
 def _five_one_kept(path: Path):
     """Each of the six channels still carries its own source tone (no channel dropped or swapped)."""
     seen = inspect(path)
@@ -268,8 +281,13 @@ CASES: list[Case] = [
     Case("raw_h264_named_mkv", roundtrip("raw_stream.mkv", save=dict(fps=FPS)), Out(12, (64, 48))),
     Case("raw_h264_start_at_5", roundtrip("raw.h264", load=dict(start=5), save=dict(fps=FPS)),
          Out(7, (64, 48))),
-    Case("gap_0_0042_1000s", roundtrip("gap.mkv"), Out(3, (64, 48), fps=1 / 0.042)),
-    Case("vfr_fast_then_slow", roundtrip("vfr.mkv"), Out(20, (64, 48), fps=50)),
+    Case("gap_0_0042_1000s", roundtrip("gap.mkv"), Out(3, (64, 48), fps=None, check=_times(GAP_TIMES))),
+    Case("gap_via_fps_output_closes_gaps", lambda ctx: {
+        "1": load_video_node("gap.mkv", images="all selected frames"),
+        "2": save_node(["1", 1], None, fps=["1", 3])}, Out(3, (64, 48), fps=1 / 0.042)),
+    Case("vfr_fast_then_slow", roundtrip("vfr.mkv"), Out(20, (64, 48), fps=None, check=_times(VFR_TIMES))),
+    Case("vfr_every_2nd_frame", roundtrip("vfr.mkv", load=dict(every_nth=2)),
+         Out(10, (64, 48), fps=None, check=_times(VFR_TIMES[::2]))),
     Case("vfr_forced_10fps", roundtrip("vfr.mkv", load=dict(force_fps=10)), Out(12, (64, 48), fps=10)),
     Case("negative_start_time", roundtrip("negative.mkv"), Out(12, (64, 48))),
     Case("mpegts_pts_wrap", roundtrip("wrap.ts"), Out(12, (64, 48))),
@@ -392,9 +410,8 @@ def _make_corpus(inp: Path, outside: Path, out_dir: Path) -> None:
     write_sample_video(j("rot90.mp4"), frames=12, width=64, height=48, rotation=90)
     write_sample_video(j("raw.h264"), frames=12, width=64, height=48, container="h264")
     shutil.copy(j("raw.h264"), j("raw_stream.mkv"))
-    write_media(j("gap.mkv"), frames=3, codec="ffv1", pix_fmt="yuv444p", frame_times=[0, 0.042, 1000])
-    vfr = np.concatenate([np.arange(10) * 0.02, 0.2 + np.arange(10) * 0.1])
-    write_media(j("vfr.mkv"), frames=20, codec="ffv1", pix_fmt="yuv444p", frame_times=vfr)
+    write_media(j("gap.mkv"), frames=3, codec="ffv1", pix_fmt="yuv444p", frame_times=GAP_TIMES)
+    write_media(j("vfr.mkv"), frames=20, codec="ffv1", pix_fmt="yuv444p", frame_times=VFR_TIMES)
     write_media(j("negative.mkv"), codec="ffv1", pix_fmt="yuv444p", frame_times=-0.5 + np.arange(12) / FPS)
     wrap_start = 2 ** 33 / 90000 - 0.25  # mpegts timestamps wrap at 2^33 ticks of 90 kHz, 0.25 s in
     write_media(j("wrap.ts"), container="mpegts", frame_times=wrap_start + np.arange(12) / FPS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -17,7 +16,8 @@ from longedit.core.errors import LongEditError
 from longedit.core.input_policy import ALLOWED_DEMUXERS, MULTI_FILE_DEMUXERS, open_input, refuse_protocol
 from longedit.core.paths import check_output_path, output_prefix, resolve_inside
 from longedit.core.sample_video import frame_image, read_index, write_sample_video
-from longedit.core.video_sink import (AudioWaveform, VideoWriter, downmix_to_stereo, read_audio_input)
+from longedit.core.video_sink import (AudioFromFile, AudioWaveform, VideoWriter, downmix_to_stereo,
+                                      read_audio_input)
 from longedit.core.video_source import Selection, probe_video, read_audio, read_frames, select_frames
 
 TONES = (300.0, 500.0, 700.0, 60.0, 900.0, 1100.0, 1300.0, 1500.0)  # FL FR FC LFE BL BR SL SR
@@ -197,6 +197,35 @@ def test_a_long_gap_gives_the_frames_that_exist_not_a_filled_grid(tmp_path):
     video = select_frames(probe_video(path), Selection())
     assert [read_index(f) for f in read_frames(video)] == [0, 1, 2]
     assert float(video.fps) == pytest.approx(1 / 0.042, rel=1e-3)  # the typical interval, not 3 / 1000 s
+
+
+def frame_times_of(path: str) -> list[float]:
+    with av.open(path) as c:
+        return sorted(float(f.pts * f.time_base) for f in c.decode(video=0))
+
+
+@pytest.mark.parametrize("fmt", ["mp4 (h264)", "mkv (FFV1 lossless)", "mov (ProRes 422 HQ)"])
+def test_saved_frames_keep_their_own_timestamps_and_the_audio_its_length(tmp_path, fmt):
+    """A variable-rate source with audio, saved through its handle: every frame once, at its source time
+    (relative to the first), and the audio as long as the video (so they stay in sync)."""
+    times = np.concatenate([np.arange(10) * 0.02, 0.2 + np.arange(10) * 0.1, [5.0]])  # fast, slow, a gap
+    path = write_sample_video(str(tmp_path / "vfr.mkv"), frames=21, width=64, height=32, codec="ffv1",
+                              pix_fmt="yuv444p", frame_times=times, audio_seconds=5.2, audio_codec="flac",
+                              container="matroska")
+    video = select_frames(probe_video(path), Selection(start=2))
+    assert np.allclose(video.times, times[2:] - times[2], atol=1e-3)
+    out = str(tmp_path / ("out" + {"mp4 (h264)": ".mp4", "mkv (FFV1 lossless)": ".mkv"}.get(fmt, ".mov")))
+    with VideoWriter(out, fmt, video.fps, 64, 32, audio=AudioFromFile(path, video.start_time, video.end_time),
+                     frame_times=video.times) as writer:
+        writer.write(read_frames(video))
+    shown = frame_times_of(out)
+    assert np.allclose(np.array(shown) - shown[0], times[2:] - times[2], atol=1.5e-3), shown
+    samples, rate = read_audio(out, shown[0], 100)  # mkv shifts every stream when a packet starts before 0
+    # FLAC is copied packet by packet into mp4 and mkv (trim exact to one 4608-sample packet); mov re-encodes
+    # it as PCM, exact to the sample.
+    packet = 4608 / 44100 if fmt != "mov (ProRes 422 HQ)" else 0.0
+    assert samples.shape[1] / rate == pytest.approx(video.duration, abs=packet + 2e-3)
+    assert video.duration == pytest.approx(5.0 - times[2] + 1 / float(video.fps), abs=1e-3)
 
 
 def test_jittery_vfr_keeps_every_frame_once_at_the_median_rate(tmp_path):
