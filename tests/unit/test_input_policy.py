@@ -113,6 +113,17 @@ def test_ffmpeg_itself_refuses_a_playlist_the_sniffing_missed(tmp_path, outside_
         open_input(str(path))
 
 
+def test_the_opened_demuxer_is_checked_again_by_name(tmp_path, outside_segment, monkeypatch):
+    """The third layer on its own: with the first two let through (no sniffing, hls whitelisted), the
+    demuxer FFmpeg picked is still refused by name after opening."""
+    path = tmp_path / "a.m3u8"
+    path.write_text(hls(outside_segment))
+    monkeypatch.setattr(input_policy, "check_plain_file", lambda p: None)
+    monkeypatch.setattr(input_policy, "ALLOWED_DEMUXERS", ALLOWED_DEMUXERS + ("hls",))
+    with pytest.raises(LongEditError, match="opened as 'hls', a format that reads other files"):
+        open_input(str(path))
+
+
 def test_a_percent_pattern_name_is_refused_not_expanded(tmp_path):
     for k in range(1, 3):
         write_sample_video(str(tmp_path / f"tmp{k}.png"), frames=1, width=32, height=32, codec="png",
