@@ -72,8 +72,7 @@ def check_plain_file(path: str) -> None:
 
 def open_input(path: str) -> av.container.InputContainer:
     """Open a local media file for reading under the input policy (see the module docstring)."""
-    if not os.path.isabs(path):
-        raise LongEditError(f"'{path}' is not an absolute path.", "resolve the path before opening it.")
+    path = os.path.abspath(path)  # an absolute path is never read as a protocol ('concat:...', 'pipe:...')
     check_plain_file(path)
     options = {"protocol_whitelist": "file", "format_whitelist": ",".join(ALLOWED_DEMUXERS)}
     try:
