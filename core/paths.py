@@ -29,8 +29,58 @@ def resolve_inside(path: str, roots: Iterable[str], base: str | None = None) -> 
             "check the file name, or upload the video with the node's upload button.",
         )
     if not os.path.isfile(real):
-        raise LongEditError(f"'{path}' is a directory, not a video file.", "pick a video file.")
+        kind = "a directory" if os.path.isdir(real) else "not a regular file (a device, FIFO or socket)"
+        raise LongEditError(f"'{path}' is {kind}, not a video file.", "pick a video file.")
     return real
+
+
+DEFAULT_OUTPUT_NAME = "LongEdit"
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+_PARTIAL_EXTRA = len(".") + len(".12345678.partial")  # what partial_path adds to a name
+
+
+def output_prefix(prefix: str) -> str:
+    """The filename_prefix to use: an empty name (or a bare folder, 'clips/') gets DEFAULT_OUTPUT_NAME, so
+    no output is named '_00001_.mp4' or hidden; a name starting with '.' (a hidden file) is refused."""
+    prefix = prefix.strip()
+    folder, name = os.path.split(prefix)
+    if not name:
+        return os.path.join(folder, DEFAULT_OUTPUT_NAME) if folder else DEFAULT_OUTPUT_NAME
+    if name.startswith("."):
+        raise LongEditError(f"The filename_prefix '{prefix}' would make a hidden file (a name starting with '.').",
+                            "start the name with a letter or digit, e.g. 'LongEdit/video'.")
+    return prefix
+
+
+def check_output_path(final_path: str, output_dir: str) -> None:
+    """The output and its folder must resolve (symlinks followed) inside output_dir, and its name must fit.
+
+    ComfyUI's own check compares absolute paths, so a subfolder of output/ that is a symlink to elsewhere
+    passes it; this one compares real paths.
+    """
+    root = os.path.realpath(output_dir)
+    if os.path.commonpath([os.path.abspath(final_path), os.path.abspath(output_dir)]) != os.path.abspath(output_dir):
+        raise LongEditError(f"The output '{final_path}' leads outside ComfyUI's output directory ({root}).",
+                            "use a relative filename_prefix without '..', e.g. 'LongEdit/video'.")
+    folder = os.path.dirname(final_path)
+    for path in (folder, final_path):
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, root]) != root:
+            raise LongEditError(
+                f"The output '{final_path}' would be written to {real}, outside ComfyUI's output directory "
+                f"({root}); a folder on the way is a symbolic link that leads out of it.",
+                "pick a filename_prefix whose folders are real folders inside the output directory (or remove "
+                "the link).")
+    name = os.path.basename(final_path)
+    if len(name.encode()) + _PARTIAL_EXTRA > NAME_MAX:
+        raise LongEditError(
+            f"The output name '{name[:40]}...' is {len(name.encode())} bytes long; a file name may have at most "
+            f"{NAME_MAX - _PARTIAL_EXTRA} here (the counter and extension included).",
+            "shorten the last part of filename_prefix to about 200 characters or fewer.")
+    for part in os.path.dirname(os.path.relpath(final_path, output_dir)).split(os.sep):
+        if len(part.encode()) > NAME_MAX:
+            raise LongEditError(f"The folder name '{part[:40]}...' of filename_prefix is longer than {NAME_MAX} "
+                                "bytes.", "shorten the folders of filename_prefix.")
 
 
 def partial_path(final_path: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -11,7 +12,15 @@ import av
 import numpy as np
 
 from .errors import LongEditError
+from .input_policy import open_input
 from .paths import atomic_output
+
+log = logging.getLogger("longedit")
+# Channel layouts the audio encoders used here (AAC, FLAC, PCM) take, by channel count. ComfyUI's AUDIO
+# carries no layout, so a count maps to FFmpeg's usual layout of that many channels. More channels than
+# these are downmixed to stereo (with a warning): PyAV cannot pass 8 or more planar channels to an encoder.
+TIMED_TIME_BASE = Fraction(1, 90000)  # for frames on their own timestamps (MPEG's clock; mkv keeps ms)
+LAYOUT_BY_CHANNELS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,30 @@ class AudioWaveform:
 
     samples: np.ndarray
     sample_rate: int
+    layout: str | None = None  # FFmpeg's layout name when known (from a file); else from the channel count
+
+
+def read_audio_input(audio) -> AudioWaveform | None:
+    """ComfyUI's AUDIO as a waveform, or None for no audio.
+
+    Other packs pass AUDIO as a lazy mapping that decodes when read and raises for a video without sound
+    (VideoHelperSuite's Load Video): as VHS's own Video Combine does, that means 'no audio' (logged).
+    """
+    if audio is None:
+        return None
+    try:
+        waveform, rate = audio["waveform"], audio["sample_rate"]
+    except Exception as e:  # any error of a lazy reader: we cannot know its types
+        log.warning("LongEdit: the AUDIO input could not be read (%s: %s); saving without audio.",
+                    type(e).__name__, e)
+        return None
+    if waveform is None:
+        return None
+    if waveform.ndim == 3:
+        waveform = waveform[0]
+    if waveform.ndim != 2 or waveform.shape[-1] == 0:
+        return None
+    return AudioWaveform(waveform.float().cpu().numpy(), int(rate))
 
 
 def to_fps_fraction(fps: float | Fraction) -> Fraction:
@@ -92,7 +125,7 @@ class _AudioTrack:
 
 def _copied_audio(out: av.container.OutputContainer, src: AudioFromFile) -> _AudioTrack:
     """Source packets in [start, end), untouched but for their timestamps (trim exact to one packet)."""
-    container = av.open(src.path)
+    container = open_input(src.path)
     stream = container.streams.audio[0]
     out_stream = out.add_stream_from_template(stream)
     tb = stream.time_base
@@ -118,9 +151,49 @@ def _copied_audio(out: av.container.OutputContainer, src: AudioFromFile) -> _Aud
     return _AudioTrack(packets(), closer=container)
 
 
+def _is_named_layout(layout: str | None, channels: int) -> bool:
+    """A standard FFmpeg layout ('5.1', 'stereo') of that many channels; not an unordered '6 channels'."""
+    return bool(layout) and not layout.endswith("channels") and av.AudioLayout(layout).nb_channels == channels
+
+
+def _audio_layout(wave: AudioWaveform) -> tuple[np.ndarray, str]:
+    """(samples, layout name) to encode: the layout kept where the encoders take it, else a stereo downmix."""
+    channels = wave.samples.shape[0]
+    named = wave.layout if _is_named_layout(wave.layout, channels) else None
+    if channels in LAYOUT_BY_CHANNELS:
+        return wave.samples, named or LAYOUT_BY_CHANNELS[channels]
+    named = named or ("7.1" if channels == 8 else None)
+    log.warning("LongEdit: %d-channel audio (%s) is downmixed to stereo: LongEdit encodes at most %d channels "
+                "(PyAV cannot pass 8 or more planar channels to an encoder).", channels,
+                named or "no known layout", max(LAYOUT_BY_CHANNELS))
+    if named:
+        return downmix_layout_to_stereo(wave.samples, named, wave.sample_rate), "stereo"
+    return downmix_to_stereo(wave.samples), "stereo"
+
+
+def downmix_layout_to_stereo(samples: np.ndarray, layout: str, rate: int) -> np.ndarray:
+    """FFmpeg's (swresample's) standard downmix of a named layout: centre and surrounds at -3 dB, LFE dropped."""
+    resampler = av.AudioResampler(format="fltp", layout="stereo", rate=rate)
+    packed = np.ascontiguousarray(samples.T, dtype=np.float32).reshape(1, -1)  # packed: any channel count
+    frame = av.AudioFrame.from_ndarray(packed, format="flt", layout=layout)
+    frame.sample_rate, frame.pts = rate, 0
+    out = [f.to_ndarray() for f in resampler.resample(frame)] + [f.to_ndarray() for f in resampler.resample(None)]
+    return np.concatenate(out, axis=1)[:, :samples.shape[1]] if out else np.zeros((2, 0), np.float32)
+
+
+def downmix_to_stereo(samples: np.ndarray) -> np.ndarray:
+    """Equal-power downmix of n unlabelled channels: channel i goes to the left at cos(pan_i) and to the
+    right at sin(pan_i), pans spread evenly from left to right, then scaled so a signal on every channel
+    at once keeps its level. (Without a layout there is no centre or LFE to treat specially.)"""
+    n = samples.shape[0]
+    pan = np.linspace(0.0, np.pi / 2, n)
+    weights = np.stack([np.cos(pan), np.sin(pan)])  # [2, n]
+    weights /= weights.sum(axis=1, keepdims=True)
+    return (weights @ samples.astype(np.float64)).astype(np.float32)
+
+
 def _encoded_audio(out: av.container.OutputContainer, wave: AudioWaveform, encoder: str) -> _AudioTrack:
-    samples = wave.samples[:2]  # the encoders used here take mono or stereo
-    layout = "mono" if samples.shape[0] == 1 else "stereo"
+    samples, layout = _audio_layout(wave)
     stream = out.add_stream(encoder, rate=wave.sample_rate, layout=layout)
 
     def packets() -> Iterator[av.Packet]:
@@ -140,7 +213,9 @@ def _source_waveform(src: AudioFromFile) -> AudioWaveform:
     from .video_source import read_audio  # local: sinks do not otherwise need the reader
 
     samples, rate = read_audio(src.path, src.start_time, src.end_time)
-    return AudioWaveform(samples, rate)
+    with open_input(src.path) as container:
+        layout = container.streams.audio[0].codec_context.layout.name
+    return AudioWaveform(samples, rate, layout)
 
 
 class VideoWriter:
@@ -152,7 +227,7 @@ class VideoWriter:
 
     def __init__(self, final_path: str, fmt: str, fps: float | Fraction, width: int, height: int,
                  crf: int = 19, audio: AudioFromFile | AudioWaveform | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, frame_times: np.ndarray | None = None):
         if fmt not in OUTPUT_FORMATS:
             raise LongEditError(f"Unknown output format '{fmt}'.", f"pick one of {FORMAT_LABELS}.")
         self.format = OUTPUT_FORMATS[fmt]
@@ -162,6 +237,9 @@ class VideoWriter:
         self.crf = crf
         self.audio_source = audio
         self.metadata = metadata or {}
+        # Seconds at which each frame is shown (a variable-rate source's own timing); None: k / fps.
+        self.frame_times = None if frame_times is None else np.asarray(frame_times, dtype=np.float64)
+        self._last_pts = -1
         self.frames_written = 0
         self._atomic = None
         self._container = None
@@ -184,13 +262,16 @@ class VideoWriter:
         width, height = self.size
         if fmt.container == "image2":
             os.makedirs(tmp)
-            self._container = av.open(os.path.join(tmp, "%06d.png"), "w", format="image2")
+            # The image2 muxer expands '%' in the whole path: a literal one in the folder name is doubled.
+            self._container = av.open(os.path.join(tmp.replace("%", "%%"), "%06d.png"), "w", format="image2")
         else:
             options = {"movflags": "use_metadata_tags"} if fmt.container in ("mp4", "mov") else {}
             self._container = av.open(tmp, "w", format=fmt.container, options=options)
             for key, value in self.metadata.items():
                 self._container.metadata[key] = value if isinstance(value, str) else json.dumps(value)
         stream = self._container.add_stream(fmt.codec, rate=self.fps)
+        if self.frame_times is not None:
+            stream.codec_context.time_base = TIMED_TIME_BASE
         stream.width, stream.height = width + width % 2, height + height % 2
         if fmt.pix_fmt == "rgb24" or fmt.codec == "prores_ks":
             stream.width, stream.height = width, height  # no chroma subsampling: any size
@@ -201,6 +282,15 @@ class VideoWriter:
                 stream.options["x265-params"] = "log-level=error"
         if fmt.codec == "prores_ks":
             stream.options = {"profile": "3"}  # 422 HQ
+        try:
+            stream.codec_context.open()  # now, so a size the encoder refuses is reported before any work
+        except av.error.FFmpegError as e:
+            raise LongEditError(
+                f"The {fmt.label} encoder ({fmt.codec}) refused {width}x{height} frames at {float(self.fps):g} "
+                f"fps ({e}).", "pick 'mkv (FFV1 lossless)' or 'png sequence' (they take any size), or resize "
+                "the frames (h265 needs at least 16 pixels a side)."
+                if fmt.codec == "libx265" else "pick 'mkv (FFV1 lossless)' or 'png sequence' (they take any "
+                "size), or resize the frames.") from e
         self._stream = stream
         if self.audio_source is not None:
             self._audio = self._open_audio(tmp)
@@ -217,7 +307,7 @@ class VideoWriter:
         src = self.audio_source
         if isinstance(src, AudioWaveform):
             return _encoded_audio(target, src, fmt.audio_encoder)
-        with av.open(src.path) as probe:
+        with open_input(src.path) as probe:
             if not probe.streams.audio:
                 return None
             codec = probe.streams.audio[0].codec_context.name
@@ -238,12 +328,31 @@ class VideoWriter:
             if pad_w or pad_h:  # yuv420p needs even sides: repeat the last row/column
                 image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = self.frames_written
+            frame.pts = self._next_pts()
+            if self.frame_times is not None:
+                frame.time_base = TIMED_TIME_BASE
             for packet in self._stream.encode(frame):
                 self._container.mux(packet)
             self.frames_written += 1
         if self._audio is not None:
-            self._audio.mux_until(self._audio_container or self._container, self.frames_written / float(self.fps))
+            self._audio.mux_until(self._audio_container or self._container, self._time_of(self.frames_written))
+
+    def _time_of(self, k: int) -> float:
+        if self.frame_times is not None and k < len(self.frame_times):
+            return float(self.frame_times[k])
+        return k / float(self.fps)
+
+    def _next_pts(self) -> int:
+        """The next frame's timestamp: its index at 1/fps, or its own time in TIMED_TIME_BASE units (kept
+        strictly increasing should two source times round to the same unit)."""
+        if self.frame_times is None:
+            return self.frames_written
+        if self.frames_written >= len(self.frame_times):
+            raise LongEditError(f"More frames than the {len(self.frame_times)} timestamps given.",
+                                "give one timestamp per frame.")
+        pts = max(round(self.frame_times[self.frames_written] / TIMED_TIME_BASE), self._last_pts + 1)
+        self._last_pts = pts
+        return pts
 
     # -- finishing ---------------------------------------------------------------------------------
     def _finish(self) -> None:

@@ -15,10 +15,12 @@ import av
 import numpy as np
 
 from .errors import LongEditError
+from .input_policy import open_input
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 START_UNITS = ("frame", "second")
 _TIME_EPS = 1e-6
+GAP_FACTOR = 4.0  # a frame interval longer than this many times the shortest one is a gap, not the rate
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class SourceInfo:
     codec: str
     pix_fmt: str
     audio: AudioInfo | None
+    timestamps_synthesized: bool = False  # no timestamps in the file: frame_pts are frame indices
 
     @property
     def frame_count(self) -> int:
@@ -66,7 +69,7 @@ class Selection:
     start_unit: str = "frame"  # "frame" or "second" (seconds from the first frame)
     frame_cap: int = 0  # 0: no cap
     every_nth: int = 1
-    force_fps: float = 0.0  # 0: the source rate (a variable-rate source is put on a grid of its mean rate)
+    force_fps: float = 0.0  # 0: every frame once, on its own timestamp (a variable-rate source's gaps stay gaps)
     width: int = 0  # 0: from the source (keeping the aspect if the other side is given)
     height: int = 0
     resize_mode: str = "crop"
@@ -94,10 +97,19 @@ class LongVideo:
     fps: Fraction
     start_time: float  # absolute stream time of output frame 0
     geometry: Geometry
+    # Seconds from start_time at which each output frame is shown, when the frames keep a variable-rate
+    # source's own timing; None: frame k at k / fps.
+    times: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def frame_count(self) -> int:
         return len(self.source_indices)
+
+    @property
+    def output_times(self) -> np.ndarray:
+        if self.times is not None:
+            return self.times
+        return np.arange(self.frame_count, dtype=np.float64) / float(self.fps)
 
     @property
     def width(self) -> int:
@@ -109,11 +121,14 @@ class LongVideo:
 
     @property
     def end_time(self) -> float:
+        """When the last output frame stops being shown (absolute stream time)."""
+        if self.times is not None:
+            return self.start_time + float(self.times[-1]) + 1.0 / float(self.fps)
         return self.start_time + self.frame_count / float(self.fps)
 
     @property
     def duration(self) -> float:
-        return self.frame_count / float(self.fps)
+        return self.end_time - self.start_time
 
     def describe(self) -> str:
         src = self.source
@@ -129,15 +144,7 @@ class LongVideo:
 
 
 def _open(path: str) -> av.container.InputContainer:
-    try:
-        return av.open(path, mode="r")
-    except FileNotFoundError:
-        raise LongEditError(f"The video file '{path}' does not exist.", "check the path or upload the file.")
-    except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise LongEditError(
-            f"'{path}' could not be opened as a video ({e}); it is not a video, or it is truncated or corrupt.",
-            "re-export or re-download the file; an mp4 cut off before its end loses its index (moov atom).",
-        ) from e
+    return open_input(path)
 
 
 def _video_stream(container, path: str):
@@ -153,8 +160,8 @@ def _video_stream(container, path: str):
 
 def _rotation_of(container, stream) -> int:
     """Counter-clockwise degrees to turn decoded frames, from the first frame's display matrix."""
-    container.seek(0)
     try:
+        container.seek(0)  # raw streams cannot seek; they carry no display matrix either
         for frame in container.decode(stream):
             return int(round(frame.rotation / 90.0)) * 90 % 360
     except av.error.FFmpegError:
@@ -167,27 +174,41 @@ def probe_video(path: str) -> SourceInfo:
     with _open(path) as container:
         stream = _video_stream(container, path)
         pts = []
+        packets = 0
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue  # the flush packet at the end
+                packets += 1
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is not None:
                     pts.append(ts)
         except av.error.FFmpegError as e:
-            if not pts:
+            if not packets:
                 raise LongEditError(
                     f"'{path}' is corrupt: no readable video packets ({e}).", "re-export the file."
                 ) from e
             # A damaged tail: keep what was readable; decoding will stop at the same place.
-        if not pts:
+        if not packets:
             raise LongEditError(f"'{path}' has a video stream with zero frames.", "pick another video.")
-        frame_pts = np.unique(np.asarray(pts, dtype=np.int64))
-        time_base = stream.time_base or Fraction(1, 90000)
+        synthesized = not pts  # a raw stream (.h264, .hevc) carries no timestamps: frames follow at 1/fps
+        if synthesized:
+            rate = Fraction(stream.average_rate or stream.guessed_rate or stream.base_rate or 25)
+            frame_pts = np.arange(packets, dtype=np.int64)  # the frame index is the timestamp
+            time_base = 1 / rate
+        else:
+            frame_pts = np.unique(np.asarray(pts, dtype=np.int64))
+            time_base = stream.time_base or Fraction(1, 90000)
         frame_times = frame_pts.astype(np.float64) * float(time_base)
         fps = _average_fps(stream, frame_times)
         gaps = np.diff(frame_times)
         is_vfr = bool(len(gaps) > 1 and (gaps.max() - gaps.min()) > 0.5 / float(fps))
+        if is_vfr:
+            # The typical interval, not the mean: a long gap (frames at 0, 0.042 and 1000 s) must not turn a
+            # 24 fps clip into a 0.003 fps one. Intervals over GAP_FACTOR x the shortest count as gaps; the
+            # median of the rest sets the rate, and the frames are then shown once each at this rate.
+            regular = gaps[gaps <= GAP_FACTOR * gaps.min()]
+            fps = Fraction(1.0 / float(np.median(regular))).limit_denominator(1001)
         rotation = _rotation_of(container, stream)
         ctx = stream.codec_context
         width, height = (ctx.height, ctx.width) if rotation in (90, 270) else (ctx.width, ctx.height)
@@ -198,6 +219,7 @@ def probe_video(path: str) -> SourceInfo:
         return SourceInfo(
             path=path, width=width, height=height, rotation=rotation, fps=fps, frame_times=frame_times,
             frame_pts=frame_pts, is_vfr=is_vfr, codec=ctx.name, pix_fmt=str(ctx.pix_fmt), audio=audio,
+            timestamps_synthesized=synthesized,
         )
 
 
@@ -262,19 +284,22 @@ def select_frames(info: SourceInfo, sel: Selection) -> LongVideo:
             f"({info.frame_count} frames, {info.duration:.2f} s).",
             "lower 'start'.",
         )
-    if sel.force_fps > 0 or info.is_vfr:
+    if sel.force_fps > 0:
         # Resample on a constant grid: output frame k shows the latest source frame at start + k/rate.
-        rate = Fraction(sel.force_fps).limit_denominator(1001) if sel.force_fps > 0 else info.fps
+        rate = Fraction(sel.force_fps).limit_denominator(1001)
         count = math.ceil((info.end_time - start_time) * rate - _TIME_EPS)
         grid = start_time + np.arange(max(count, 0), dtype=np.float64) / float(rate)
         indices = np.searchsorted(times, grid + _TIME_EPS, side="right") - 1
         indices = np.clip(indices, 0, info.frame_count - 1)
     else:
+        # The frames that exist, each once, in timestamp order: a variable-rate source's frames keep their
+        # own times (gaps are not filled with repeated frames); `rate` is its typical rate.
         rate = info.fps
         indices = np.arange(first, info.frame_count, dtype=np.int64)
     indices = indices[:: sel.every_nth]
     if sel.frame_cap:
         indices = indices[: sel.frame_cap]
+    shown_at = times[indices] - start_time if info.is_vfr and sel.force_fps <= 0 else None
     if len(indices) == 0:
         raise LongEditError(
             f"The selection holds zero frames (start {sel.start:g} {sel.start_unit}s, every "
@@ -283,7 +308,7 @@ def select_frames(info: SourceInfo, sel: Selection) -> LongVideo:
         )
     return LongVideo(
         source=info, selection=sel, source_indices=indices.astype(np.int64), fps=rate / sel.every_nth,
-        start_time=start_time, geometry=plan_geometry(info.width, info.height, sel),
+        start_time=start_time, geometry=plan_geometry(info.width, info.height, sel), times=shown_at,
     )
 
 
@@ -329,12 +354,17 @@ def iter_frames(video: LongVideo, chunk_frames: int, start: int = 0) -> Iterator
         stream = _video_stream(container, src.path)
         stream.thread_type = "AUTO"
         first_pts = int(src.frame_pts[wanted[0]])
-        if wanted[0] > 0:
+        if wanted[0] > 0 and not src.timestamps_synthesized:  # without timestamps: decode from the start
             container.seek(first_pts, stream=stream, backward=True, any_frame=False)
+        decoded = -1
         try:
             for frame in container.decode(stream):
+                decoded += 1
                 ts = frame.pts if frame.pts is not None else frame.dts
-                j = int(np.searchsorted(src.frame_pts, ts, side="left")) if ts is not None else wanted[k]
+                if src.timestamps_synthesized:
+                    j = decoded
+                else:
+                    j = int(np.searchsorted(src.frame_pts, ts, side="left")) if ts is not None else wanted[k]
                 if j < wanted[k]:
                     continue
                 # j > wanted[k] only if the decoder dropped a frame: show this one in its place.
@@ -389,7 +419,9 @@ def read_audio(path: str, start_time: float, end_time: float) -> tuple[np.ndarra
             return None
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate
-        resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
+        # Packed float, one plane whatever the channel count: PyAV reads planar frames of 8 or more channels
+        # through FFmpeg's 8 fixed data pointers and crashes the process (7.1 audio took ComfyUI down).
+        resampler = av.AudioResampler(format="flt", layout=stream.codec_context.layout, rate=rate)
         first = round(start_time * rate)
         total = max(0, round(end_time * rate) - first)
         channels = stream.codec_context.channels
@@ -406,7 +438,7 @@ def read_audio(path: str, start_time: float, end_time: float) -> tuple[np.ndarra
                 if next_f0 is not None and abs(f0 - next_f0) <= rate // 500 + 1:
                     f0 = next_f0  # contiguous: containers such as mkv round timestamps to 1 ms
                 for res in resampler.resample(frame):
-                    data = res.to_ndarray()  # [channels, n] for planar formats
+                    data = res.to_ndarray().reshape(-1, channels).T  # packed [1, n*channels] -> [channels, n]
                     lo, hi = max(f0, first), min(f0 + data.shape[1], first + total)
                     if hi > lo:
                         out[:, lo - first:hi - first] = data[:, lo - f0:hi - f0]

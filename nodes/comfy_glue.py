@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
+from ..core.paths import check_output_path, output_prefix
 
 LongVideoType = io.Custom("LONGEDIT_VIDEO")
 
@@ -64,10 +65,24 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def output_target(prefix: str, extension: str, width: int, height: int) -> tuple[str, str, str]:
     """(final path, file name, subfolder) for a new output; ComfyUI's counter never reuses a name."""
     out_dir = folder_paths.get_output_directory()
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, out_dir, width, height)
-    os.makedirs(folder, exist_ok=True)
+    prefix = output_prefix(prefix)
+    # ComfyUI creates the folder itself; refuse a folder behind an outside link before it does.
+    check_output_path(os.path.join(out_dir, os.path.normpath(prefix)), out_dir)
+    try:
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, out_dir, width, height)
+    except OSError as e:  # e.g. a folder name over the file system's limit
+        raise LongEditError(f"The filename_prefix '{prefix[:60]}' cannot be used as a path ({e}).",
+                            "use a shorter filename_prefix made of ordinary folder and file names.") from e
+    except Exception as e:  # ComfyUI refuses '..' that leaves the output directory with a bare Exception
+        if "outside the output folder" not in str(e):
+            raise
+        raise LongEditError(f"The filename_prefix '{prefix}' leads outside ComfyUI's output directory.",
+                            "use a relative prefix without '..', e.g. 'LongEdit/video'.") from e
     filename = f"{name}_{counter:05}_{extension}"
-    return os.path.join(folder, filename), filename, subfolder
+    final_path = os.path.join(folder, filename)
+    check_output_path(final_path, out_dir)
+    os.makedirs(folder, exist_ok=True)
+    return final_path, filename, subfolder
 
 
 SD_UNET_CONFIGS = ("SD15", "SD20")  # ComfyUI's model configs of SD1.x and SD2.x (2.0 and 2.1, base and v)

@@ -11,11 +11,13 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core.errors import LongEditError
+from ..core.input_policy import refuse_protocol
 from ..core.paths import resolve_inside
-from ..core.video_sink import AudioWaveform, VideoWriter
+from ..core.video_sink import VideoWriter, read_audio_input
 from ..core.video_source import RESIZE_MODES, START_UNITS, Selection, probe_video, read_audio, read_frames, select_frames
 from .comfy_glue import LongVideoType, allowed_roots, scratch_dir, to_uint8
 
+IMAGES_AUTO = "auto (all when connected)"
 IMAGES_FIRST = "first frame only"
 IMAGES_ALL = "all selected frames"
 
@@ -28,17 +30,31 @@ def _input_videos() -> list[str]:
 
 def _resolve(video: str, path: str) -> str:
     if path.strip():
+        refuse_protocol(path)
         return resolve_inside(path.strip(), allowed_roots(), base=folder_paths.get_input_directory())
     if not video:
         raise LongEditError("No video was chosen.", "upload a video or pick one from the list.")
+    refuse_protocol(video)
     return resolve_inside(folder_paths.get_annotated_filepath(video), allowed_roots())
+
+
+def _stream_source(video):
+    """A file-backed VIDEO's path or bytes; None for one held in memory (its default get_stream_source
+    would have to encode it, and fails in ComfyUI 0.3.64: 'Could not determine output format')."""
+    if not hasattr(video, "get_stream_source"):
+        return None
+    try:
+        return video.get_stream_source()
+    except Exception:  # an in-memory VIDEO of any pack: read its components instead
+        return None
 
 
 def _from_core_video(video) -> str:
     """A file path for ComfyUI's VIDEO type: its own file, or a lossless copy in ComfyUI's temp dir."""
-    source = video.get_stream_source() if hasattr(video, "get_stream_source") else None
+    source = _stream_source(video)
     if isinstance(source, str):
-        return source
+        refuse_protocol(source)
+        return resolve_inside(source, allowed_roots())  # the same policy as a picked file
     if isinstance(source, pyio.BytesIO):
         data = source.getvalue()
         path = os.path.join(scratch_dir(), f"video_{hashlib.sha1(data).hexdigest()[:16]}.bin")
@@ -47,20 +63,37 @@ def _from_core_video(video) -> str:
                 f.write(data)
             os.replace(path + ".tmp", path)
         return path
+    if not hasattr(video, "get_components"):
+        raise LongEditError(f"This VIDEO ({type(video).__name__}) has neither a file nor frames to read.",
+                            "connect a VIDEO from ComfyUI's Load Video or Create Video.")
     components = video.get_components()  # frames already in memory (e.g. from Create Video)
     images = components.images
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise LongEditError(f"This VIDEO holds no frames (images of shape {tuple(images.shape)}).",
+                            "connect a VIDEO with at least one frame.")
+    fps = float(components.frame_rate or 0)
+    if fps <= 0:
+        raise LongEditError(f"This VIDEO has no frame rate ({components.frame_rate}).",
+                            "set the frame rate in the node that made it (e.g. Create Video's fps).")
     path = os.path.join(scratch_dir(), f"video_{id(video):x}_{images.shape[0]}.mkv")
-    audio = None
-    if components.audio is not None:
-        audio = AudioWaveform(components.audio["waveform"][0].float().cpu().numpy(),
-                              int(components.audio["sample_rate"]))
     if os.path.exists(path):
         os.remove(path)
-    with VideoWriter(path, "mkv (FFV1 lossless)", components.frame_rate, images.shape[2], images.shape[1],
-                     audio=audio) as writer:
+    with VideoWriter(path, "mkv (FFV1 lossless)", fps, images.shape[2], images.shape[1],
+                     audio=read_audio_input(components.audio)) as writer:
         for i in range(0, images.shape[0], 64):
             writer.write(to_uint8(images[i:i + 64]))
     return path
+
+
+def _images_connected(prompt, node_id) -> bool:
+    """Whether any node of the running prompt reads this node's IMAGE output (slot 1)."""
+    if not prompt or node_id is None:
+        return True  # unknown: be safe and decode what was asked for
+    for node in prompt.values():
+        for value in (node.get("inputs") or {}).values():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id) and value[1] == 1:
+                return True
+    return False
 
 
 class LoadLongVideo(io.ComfyNode):
@@ -85,8 +118,9 @@ class LoadLongVideo(io.ComfyNode):
                 io.Int.Input("every_nth", default=1, min=1, max=1000,
                              tooltip="Keep every n-th frame; the frame rate is divided by n so timing is kept."),
                 io.Float.Input("force_fps", default=0, min=0, max=240, step=0.001,
-                               tooltip="Resample to this frame rate (frames are repeated or dropped). 0 keeps the "
-                                       "source rate; a variable-rate source is put on a grid of its mean rate."),
+                               tooltip="Resample to this frame rate (frames are repeated or dropped). 0: every frame "
+                                       "once on its own timestamp (a variable-rate source keeps its timing "
+                                       "through the save nodes; gaps are not filled)."),
                 io.Int.Input("width", default=0, min=0, max=16384, step=8,
                              tooltip="Output width. 0: from the source (or from height, keeping the aspect)."),
                 io.Int.Input("height", default=0, min=0, max=16384, step=8,
@@ -96,27 +130,33 @@ class LoadLongVideo(io.ComfyNode):
                                        "bars; stretch: ignore the aspect ratio."),
                 io.Combo.Input("size_multiple", options=["8", "16", "64"], default="8",
                                tooltip="Round the output sides down to this multiple (SD VAEs need 8)."),
-                io.Combo.Input("images", options=[IMAGES_FIRST, IMAGES_ALL], default=IMAGES_FIRST,
-                               tooltip="What the IMAGE output holds. Long videos should stay on the 'video' "
-                                       "output, which streams; 'all selected frames' decodes them into RAM."),
+                io.Combo.Input("images", options=[IMAGES_AUTO, IMAGES_FIRST, IMAGES_ALL], default=IMAGES_AUTO,
+                               tooltip="What the IMAGE output holds. auto: every selected frame when the IMAGE "
+                                       "output is connected (so a saver downstream gets the whole clip), else "
+                                       "only the first frame. 'all selected frames' decodes them into RAM; long "
+                                       "videos should stay on the 'video' output, which streams."),
                 io.Int.Input("image_frame_cap", default=256, min=1, max=100_000,
                              tooltip="With 'all selected frames', refuse selections longer than this "
                                      "(float32 RGB costs width x height x 12 bytes per frame)."),
                 io.String.Input("path", default="", optional=True,
-                                tooltip="Optional: a file path inside ComfyUI's input or output directory "
-                                        "(relative paths start at input/). Overrides 'video'."),
+                                tooltip="Optional: a plain video file inside ComfyUI's input, output or temp "
+                                        "directory (relative paths start at input/; links are followed and must "
+                                        "stay inside; no URLs, playlists or lists). Overrides 'video'."),
                 io.Video.Input("video_in", optional=True,
-                               tooltip="Optional: a VIDEO from ComfyUI's own nodes. Overrides 'video' and 'path'."),
+                               tooltip="Optional: a VIDEO from ComfyUI's own nodes (Load Video, Create Video; "
+                                       "file-backed or in memory). Overrides 'video' and 'path'."),
             ],
             outputs=[
                 LongVideoType.Output(display_name="video",
                                      tooltip="Lazy handle for Encode Video and the save nodes (no frames decoded)."),
                 io.Image.Output(display_name="images", tooltip="See the 'images' input."),
                 io.Audio.Output(display_name="audio", tooltip="The audio of the selected range (None if silent)."),
-                io.Float.Output(display_name="fps", tooltip="Frame rate of the selection."),
+                io.Float.Output(display_name="fps", tooltip="Frame rate of the selection (of a variable-rate "
+                                                                    "source: its median frame interval)."),
                 io.Int.Output(display_name="frame_count", tooltip="Frames in the selection."),
                 io.String.Output(display_name="info", tooltip="A one-line description of source and selection."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -146,13 +186,16 @@ class LoadLongVideo(io.ComfyNode):
                               multiple=int(size_multiple))
         long_video = select_frames(probe_video(source), selection)
         count = long_video.frame_count
+        requested = images
+        if images == IMAGES_AUTO:
+            images = IMAGES_ALL if _images_connected(cls.hidden.prompt, cls.hidden.unique_id) else IMAGES_FIRST
         if images == IMAGES_ALL and count > image_frame_cap:
             gb = count * long_video.width * long_video.height * 12 / 1e9
             raise LongEditError(
-                f"'all selected frames' would decode {count} frames into RAM ({gb:.1f} GB as IMAGE), more than "
+                f"images='{requested}' would decode {count} frames into RAM ({gb:.1f} GB as IMAGE), more than "
                 f"image_frame_cap={image_frame_cap}.",
-                "connect the 'video' output to Encode Video / Save instead (they stream), or raise "
-                "image_frame_cap, or lower frame_cap.")
+                "connect the 'video' output to Encode Video / Save instead (they stream) and leave IMAGE "
+                "unconnected, or raise image_frame_cap, or lower frame_cap.")
         frames = read_frames(long_video, 0, count if images == IMAGES_ALL else 1)
         image_tensor = torch.from_numpy(frames).float().div_(255.0)
         audio = read_audio(source, long_video.start_time, long_video.end_time) if long_video.source.audio else None

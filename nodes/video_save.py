@@ -10,30 +10,35 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from ..core.errors import LongEditError
-from ..core.video_sink import FORMAT_LABELS, OUTPUT_FORMATS, AudioFromFile, AudioWaveform, VideoWriter
+from ..core.video_sink import (FORMAT_LABELS, OUTPUT_FORMATS, AudioFromFile, VideoWriter,
+                               read_audio_input)
 from ..core.video_source import LongVideo
 from .comfy_glue import LongVideoType, Progress, output_target, to_uint8, vae_chunk
 from .video_encode import check_image_vae
 
-DEFAULT_FPS = 24.0
 
 
 def _common_inputs() -> list:
     return [
         io.String.Input("filename_prefix", default="LongEdit/video",
-                        tooltip="Output name inside ComfyUI's output directory; a counter is appended."),
+                        tooltip="Output name inside ComfyUI's output directory; a counter is appended. Empty: "
+                                "'LongEdit'. Folders must be real folders inside output/ (no links out)."),
         io.Combo.Input("format", options=list(FORMAT_LABELS), default=FORMAT_LABELS[0],
                        tooltip="mp4 h264 plays everywhere; h265 is smaller; ProRes and FFV1 are for further "
                                "editing; png sequence writes one PNG per frame into a folder."),
         io.Int.Input("crf", default=19, min=0, max=51,
                      tooltip="h264/h265 quality: lower is better and bigger (17-23 is typical)."),
         io.Float.Input("fps", default=0, min=0, max=240, step=0.001,
-                       tooltip="Frame rate of the file. 0: the rate of the connected video, else 24."),
+                       tooltip="Frame rate of the file. 0: the rate of the connected 'video' (a variable-rate "
+                               "source's frames keep their own timestamps; an error if no video is "
+                               "connected). Connect Load Video's 'fps' output here for IMAGE frames."),
         LongVideoType.Input("video", optional=True,
                             tooltip="The source video handle: gives the frame rate, the frame count to check, "
                                     "and its audio (copied untouched, trimmed to the selection)."),
         io.Audio.Input("audio", optional=True,
-                       tooltip="Audio to put in the file instead of the source video's audio."),
+                       tooltip="Audio to put in the file instead of the source video's audio. Up to 7 channels "
+                               "keep their layout; more are downmixed to stereo. An AUDIO that cannot be read "
+                               "(another pack's silent video) means no audio."),
     ]
 
 
@@ -48,9 +53,9 @@ def _metadata(hidden) -> dict:
     return meta
 
 
-def _audio_for(video: LongVideo | None, audio: dict | None):
+def _audio_for(video: LongVideo | None, audio):
     if audio is not None:
-        return AudioWaveform(audio["waveform"][0].float().cpu().numpy(), int(audio["sample_rate"]))
+        return read_audio_input(audio)
     if video is not None and video.source.audio is not None:
         return AudioFromFile(video.source.path, video.start_time, video.end_time)
     return None
@@ -59,17 +64,25 @@ def _audio_for(video: LongVideo | None, audio: dict | None):
 def _fps_for(fps: float, video: LongVideo | None):
     if fps > 0:
         return fps
-    return video.fps if video is not None else DEFAULT_FPS
+    if video is None:
+        raise LongEditError(
+            "fps is 0 ('from the connected video') but no video is connected, so the frame rate is unknown; "
+            "guessing one would make the video run too fast or too slow against its audio.",
+            "connect Load Video's 'fps' output (or its 'video' output) to this node, or type the frame rate.")
+    return video.fps
 
 
 def write_video(frames: Iterator[np.ndarray], total: int, width: int, height: int, *, prefix: str, fmt: str,
                 crf: int, fps: float, video: LongVideo | None, audio: dict | None, hidden) -> io.NodeOutput:
     """Stream uint8 chunks into a new output file; show it in the UI and return its path."""
     spec = OUTPUT_FORMATS[fmt]
+    rate, sound = _fps_for(fps, video), _audio_for(video, audio)
+    # With fps 0 and the handle of a variable-rate source, frames keep their own timestamps (gaps stay gaps).
+    times = video.times if fps <= 0 and video is not None and video.frame_count == total else None
     final_path, filename, subfolder = output_target(prefix, spec.extension, width, height)
     progress = Progress(total)
-    with VideoWriter(final_path, fmt, _fps_for(fps, video), width, height, crf=crf,
-                     audio=_audio_for(video, audio), metadata=_metadata(hidden)) as writer:
+    with VideoWriter(final_path, fmt, rate, width, height, crf=crf, audio=sound,
+                     metadata=_metadata(hidden), frame_times=times) as writer:
         for chunk in frames:
             progress.check()
             writer.write(chunk)
