@@ -4,6 +4,7 @@ only the step that was in flight may run again."""
 import os
 import re
 import signal
+import sys
 import time
 
 import numpy as np
@@ -11,9 +12,11 @@ import numpy as np
 from comfy_harness import execution_error, start_comfy, stop_comfy
 from longedit.core.sample_video import write_sample_video
 from longedit.core.video_source import open_long_video, read_frames
-from test_adaflow_edit import edit_graph, saved_video
 
-STEPS = 5
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the edit graph of the end-to-end tests
+from test_adaflow_edit import edit_graph, saved_video  # noqa: E402
+
+STEPS = 4
 
 
 def graph(name: str) -> dict:
@@ -48,8 +51,8 @@ def queue(server, prompt: dict) -> None:
 def test_sigkill_mid_step_then_restart_resumes_losing_at_most_that_step(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume_base")
     server = start_comfy(base)
-    name = "resume16.mkv"
-    write_sample_video(str(server.input_dir / name), frames=16, width=112, height=64, fps=8, codec="ffv1",
+    name = "resume10.mkv"
+    write_sample_video(str(server.input_dir / name), frames=10, width=112, height=64, fps=8, codec="ffv1",
                        pix_fmt="yuv444p")
     states = base / "user" / "longedit" / "resume"
     try:
