@@ -126,6 +126,9 @@ def start_comfy(base: Path, restart: bool = False) -> ComfyServer:
     if not restart:
         (base / "custom_nodes").mkdir()
         (base / "custom_nodes" / "longedit").symlink_to(REPO, target_is_directory=True)
+        # stand-ins for other packs' outputs (tests/test_nodes), never shipped with the pack
+        (base / "custom_nodes" / "longedit_test_nodes").symlink_to(REPO / "tests" / "test_nodes",
+                                                                   target_is_directory=True)
         (base / "models").symlink_to(comfy_dir / "models", target_is_directory=True)
         for sub in ("input", "output", "temp", "user"):
             (base / sub).mkdir()

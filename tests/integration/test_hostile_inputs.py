@@ -313,6 +313,13 @@ CASES: list[Case] = [
         "1": load_video_node("pcm51.mov", images="all selected frames"),
         "2": save_node(["1", 1], None, fps=["1", 3], audio=["1", 2], format="mp4 (h264)")},
          Out(12, (64, 48), channels=6, audio_seconds=SECONDS, check=_five_one_kept)),
+    # another pack's AUDIO of a silent video: a lazy mapping that raises when read (tests/test_nodes) means
+    # no audio, even over a source that has sound
+    Case("lazy_audio_that_raises", lambda ctx: {
+        "1": load_video_node(BASIC, images="all selected frames"),
+        "3": {"class_type": "TestLazySilentAudio", "inputs": {}},
+        "2": save_node(["1", 1], ["1", 0], audio=["3", 0])},
+         Out(12, (64, 48), channels=None)),
     # ---- playlists, lists, protocols, devices, links ---------------------------------------------------
     Case("hls_playlist_m3u8", roundtrip("playlist.m3u8"), Err("playlist", "pick the video file itself")),
     Case("hls_playlist_named_mp4", roundtrip("playlist_in_disguise.mp4"), Err("playlist", "pick the video")),
