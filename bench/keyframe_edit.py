@@ -62,6 +62,10 @@ def one_step(model, k: int, hw: tuple[int, int], use_aas: bool, budget: int) -> 
     import comfy.samplers
     from longedit.core.inversion import Inversion
     from longedit.nodes.adaflow_edit import patch_model
+    import longedit.nodes.adaflow_edit as edit_node
+    import tempfile
+
+    edit_node.resume_dir = lambda: tempfile.mkdtemp()  # timed runs compute: no resume
 
     sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "ddim_uniform", STEPS).double().numpy()
     trajectory = np.random.default_rng(1).standard_normal((2, k, 4, *hw), dtype=np.float32).astype(np.float16)

@@ -151,6 +151,7 @@ def child(args) -> None:
     from longedit.nodes.adaflow_propagation import propagate_from_keyframes
     import longedit.nodes.adaflow_edit as edit_node
 
+    edit_node.resume_dir = lambda: tempfile.mkdtemp(dir=args.workdir)  # every row computes: no resume
     if args.records_on_disk:  # as on a machine whose RAM is too small for the keyframe records
         edit_node.RECORD_RAM_SHARE = 0.0
 

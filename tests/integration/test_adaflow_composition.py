@@ -19,6 +19,9 @@ import torch, comfy.sd, comfy.sample, comfy.samplers, folder_paths
 spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO, "__init__.py"))
 pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
 from longedit_pack.nodes.adaflow_edit import patch_model
+import tempfile
+import longedit_pack.nodes.adaflow_edit as edit_node_module
+edit_node_module.resume_dir = lambda: tempfile.mkdtemp()  # every run afresh: the runs compared must all compute
 from longedit_pack.nodes.adaflow_invert import make_eps
 from longedit_pack.core.inversion import ddim_invert
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -538,3 +539,50 @@ def test_corpus_size_and_classes():
     err = sum(isinstance(c.expect, Err) for c in CASES)
     assert ok + err >= 40 and ok >= 10 and err >= 10, (ok, err)
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+def interrupted_node(entry: dict) -> str | None:
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_interrupted":
+            return data.get("node_type")
+    return None
+
+
+def test_cancel_at_every_stage_leaves_nothing_half_done(comfy):
+    """Cancel pressed while each stage of the edit runs: decode + save, sampling, inversion, keyframe
+    selection, encode. ComfyUI keeps the outputs of the last prompt's nodes, so after a complete run a prompt
+    that changes one setting runs that stage first; a complete run after each Cancel restores the kept
+    outputs. Each Cancel must stop that very node, leave no output or partial file, and leave the server
+    answering; the complete run after it must succeed."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_adaflow_edit import edit_graph  # noqa: E402  (the end-to-end edit graph)
+
+    name = "cancel12.mp4"
+    write_sample_video(str(comfy.input_dir / name), frames=12, width=112, height=64, fps=8, audio_seconds=1.0)
+
+    def graph(change: dict | None = None) -> dict:
+        prompt = edit_graph(name, with_keyframes=True, steps=2, sampler_steps=2)
+        prompt["9"]["inputs"]["filename_prefix"] = "cancel/edit"
+        for (node, key), value in (change or {}).items():
+            prompt[node]["inputs"][key] = value
+        return prompt
+
+    def complete() -> None:
+        entry = comfy.run(graph(), timeout=900)
+        assert execution_error(entry) is None and interrupted_node(entry) is None, entry.get("status")
+
+    complete()
+    for label, node_type, change in (
+            ("decode + save", "LongEditDecodeSaveVideo", {("9", "crf"): 20}),
+            ("sampling", "KSamplerAdvanced", {("8", "cfg"): 6.5}),
+            ("inversion", "LongEditAdaFlowInvert", {("6", "inversion_steps"): 4}),
+            ("keyframe selection", "LongEditAdaFlowKeyframeSelection", {("10", "seed"): 1}),
+            ("encode", "LongEditEncodeVideo", {("2", "frame_cap"): 11})):
+        before = _existing(comfy)
+        entry = comfy.run(graph(change), timeout=900, interrupt_after=0.3)
+        assert interrupted_node(entry) == node_type, (label, interrupted_node(entry), entry.get("status"))
+        assert _new_outputs(comfy, before) == [], label
+        assert not [p for p in comfy.output_dir.rglob(".*partial*")], label
+        assert "system" in comfy.get("/system_stats") and comfy.get("/queue")["queue_running"] == []
+        if label != "encode":
+            complete()
