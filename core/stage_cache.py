@@ -140,7 +140,11 @@ class StageCache:
 
         header = _header(layout, metadata(placeholder))
         size = 8 + len(header) + offset
-        os.makedirs(self.folder, exist_ok=True)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as error:  # e.g. a read-only user directory: the run goes on uncached
+            logging.warning(f"LongEdit: not caching the {stage} result: {error}")
+            return None
         if size > self.limit_bytes:
             logging.warning(f"LongEdit: not caching the {stage} result ({size / 2**30:.2f} GiB): larger than the "
                             f"cache's limit of {self.limit_bytes / 2**30:.2f} GiB.")

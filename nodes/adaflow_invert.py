@@ -66,15 +66,16 @@ def inversion_key(model, samples: torch.Tensor, context: torch.Tensor, sigmas, g
 
 def inversion_arrays(inversion: Inversion) -> dict:
     start = inversion.trajectory[0] if inversion.start is None else inversion.start
-    return {"trajectory": inversion.trajectory, "start": start, "sigmas": inversion.sigmas, "grid": inversion.grid,
-            "source_context": inversion.source_context}
+    arrays = {"trajectory": inversion.trajectory, "start": start, "sigmas": inversion.sigmas,
+              "source_context": inversion.source_context}
+    return arrays if inversion.grid is None else {**arrays, "grid": inversion.grid}
 
 
 def inversion_from(cached: CachedStage) -> Inversion:
     """The cached inversion, its trajectory and start latents memory-mapped from the cache file."""
     a = cached.arrays
     return Inversion(sigmas=np.array(a["sigmas"]), trajectory=a["trajectory"], source_context=a["source_context"],
-                     path=cached.path, start=a["start"], grid=np.array(a["grid"]))
+                     path=cached.path, start=a["start"], grid=np.array(a["grid"]) if "grid" in a else None)
 
 
 def cached_or_computed(cache: StageCache, key: str, compute) -> Inversion:

@@ -170,3 +170,11 @@ def test_an_entry_that_does_not_fit_the_free_disk_is_not_written(tmp_path, monke
     monkeypatch.setattr(stage_cache.shutil, "disk_usage", lambda path: Usage)
     assert cache.save("inversion", "k" * 64, {"x": np.zeros(1000, np.float32)}, {}) is None
     assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_that_cannot_be_created_only_skips_the_cache(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    cache = StageCache(str(blocker / "cache"), limit_bytes=10**9)  # a folder below a file
+    assert cache.save("inversion", "k" * 64, {"x": np.arange(3)}, {}) is None
+    assert cache.load("inversion", "k" * 64) is None
