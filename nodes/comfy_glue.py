@@ -41,13 +41,18 @@ WEIGHT_SAMPLE = 64  # elements hashed per weight tensor: tells checkpoints and p
 
 
 def add_model_identity(fp, model) -> None:
-    """Add to a Fingerprint what of a MODEL determines its outputs: its architecture, parameterisation
-    (eps or v) and dtype, a sample of every weight, and its weight patches (LoRAs). Attention patches and
-    wrappers of other packs are functions, which a digest cannot read (as for the sampler's run key)."""
+    """Add to a Fingerprint what of a MODEL determines its outputs: ComfyUI's version, the architecture,
+    parameterisation (eps or v) and dtype, a sample of every weight, and its weight patches (LoRAs).
+    Attention patches and wrappers of other packs are functions, which a digest cannot read (as for the
+    sampler's run key)."""
     from .adaflow_edit import plain_value  # ComfyUI's wrappers of patches as plain values; imported late: that
                                            # node imports the Invert and Keyframe nodes that call this
     base = model.model
-    fp.add([type(base.model_config).__name__, [c.__name__ for c in type(base.model_sampling).__mro__],
+    try:  # another ComfyUI may compute the same model differently (attention, casting)
+        from comfyui_version import __version__ as comfy_version
+    except ImportError:
+        comfy_version = "unknown"
+    fp.add([comfy_version, type(base.model_config).__name__, [c.__name__ for c in type(base.model_sampling).__mro__],
             str(model.model_dtype()), str(getattr(base, "manual_cast_dtype", None)),
             float(getattr(base.latent_format, "scale_factor", 1.0))])
     # The weights as loaded from the checkpoint: ComfyUI patches LoRAs into the weights of a loaded model in
