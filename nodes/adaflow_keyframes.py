@@ -1,20 +1,30 @@
 """AdaFlow Keyframe Selection: clips, keyframe candidates and correspondences from the MODEL's DIFT features."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import shutil
+import sys
 import uuid
 
+import numpy as np
 import torch
 
 import comfy.model_management as mm
 from comfy_api.latest import io
 
+from .. import kernels
+from ..core import dift as dift_module, keyframes as keyframes_module
 from ..core.dift import dift_feature_chunks
 from ..core.errors import LongEditError
-from ..core.keyframes import AksParams, select_keyframes
+from ..core.keyframes import AksParams, KeyframePlan, select_keyframes
 from ..core.memory import frames_per_chunk
 from ..core.preview import plan_preview
-from .comfy_glue import LongVideoType, Progress, check_sd_unet, latent_thumbnails, scratch_dir
+from ..core.resume import Fingerprint
+from ..core.stage_cache import CachedStage, StageCache, source_digest
+from .comfy_glue import (CACHE_LIMIT_BYTES, LongVideoType, Progress, add_model_identity, cache_dir, check_sd_unet,
+                         latent_thumbnails, scratch_dir)
 from .video_encode import encode_long_video
 
 KeyframesType = io.Custom("LONGEDIT_KEYFRAMES")
@@ -65,6 +75,58 @@ def _empty_context(model, conditioning) -> torch.Tensor:
     return torch.zeros(1, 77, dim)  # without a text encoder: zero context (DIFT uses the empty prompt)
 
 
+STAGE = "keyframes"
+
+
+def plan_key(model, samples: torch.Tensor, context: torch.Tensor, params: AksParams, settings: list, device) -> str:
+    """A digest of everything that determines the keyframe plan: the latents, the model, the prompt of the
+    features, every setting, the device kind (matching runs in float16 on a GPU) and the code."""
+    fp = Fingerprint().add("LongEdit keyframes v1")
+    matching = [os.path.join(os.path.dirname(kernels.__file__), name)  # nearest.py needs Triton: read, not imported
+                for name in ("nearest.py", "nearest_reference.py")]
+    fp.add(source_digest(keyframes_module, dift_module, kernels, *matching, sys.modules[__name__]))
+    add_model_identity(fp, model)
+    fp.add([samples, context, repr(params), settings, list(FEATURE_BLOCK), torch.device(device).type])
+    return fp.hex()
+
+
+def plan_arrays(plan: KeyframePlan) -> tuple[dict, dict]:
+    arrays = {"clip_starts": plan.clip_starts, "candidates": plan.candidates, "aas_scores": plan.aas_scores,
+              "fingerprint": plan.fingerprint, **{f"matches_{i}": m for i, m in enumerate(plan.matches)}}
+    info = {"frame_count": plan.frame_count, "latent_size": list(plan.latent_size),
+            "levels": [list(level) for level in plan.levels], "params": dataclasses.asdict(plan.params)}
+    return arrays, info
+
+
+def plan_from(cached: CachedStage) -> KeyframePlan:
+    """The cached plan, its correspondences memory-mapped from the cache file."""
+    a, info = cached.arrays, cached.info
+    levels = [tuple(level) for level in info["levels"]]
+    return KeyframePlan(frame_count=info["frame_count"], latent_size=tuple(info["latent_size"]), levels=levels,
+                        clip_starts=np.array(a["clip_starts"]), candidates=np.array(a["candidates"]),
+                        matches=[a[f"matches_{i}"] for i in range(len(levels))], aas_scores=a["aas_scores"],
+                        fingerprint=np.array(a["fingerprint"]), params=AksParams(**info["params"]))
+
+
+def cached_or_selected(cache: StageCache, key: str, compute) -> KeyframePlan:
+    """The plan saved by an earlier run under `key`, or compute() saved for the next one (large arrays then
+    read from the cache file, their scratch copies removed)."""
+    cached = cache.load(STAGE, key)
+    if cached is not None:
+        logging.info("LongEdit: AdaFlow Keyframe Selection: using the keyframe plan saved by an earlier run")
+        return plan_from(cached)
+    plan = compute()
+    arrays, info = plan_arrays(plan)
+    path = cache.save(STAGE, key, arrays, info)
+    on_disk = any(isinstance(a, np.memmap) for a in arrays.values())
+    if path is not None and on_disk and plan.folder is not None:
+        saved = cache.load(STAGE, key, verify=False)
+        if saved is not None:
+            shutil.rmtree(plan.folder, ignore_errors=True)
+            return plan_from(saved)
+    return plan
+
+
 class AdaFlowKeyframeSelection(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -76,7 +138,8 @@ class AdaFlowKeyframeSelection(io.ComfyNode):
                 "AdaFlow's Adaptive Keyframe Selection: splits the video into clips where its DIFT features "
                 "drift from the clip's first frame, picks keyframe candidates in each clip, and precomputes the "
                 "token correspondences that carry the keyframe edit to every frame. Look at the preview before "
-                "spending GPU time on the edit."),
+                "spending GPU time on the edit. The plan is kept under ComfyUI's user directory (longedit/cache): "
+                "queued again with the same latents, model and settings, even after a restart, it is loaded."),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x/SD2.x MODEL of the edit; its UNet gives the DIFT features."),
                 io.Latent.Input("latent", optional=True,
@@ -134,21 +197,28 @@ class AdaFlowKeyframeSelection(io.ComfyNode):
                                 "connect the output of Encode Video (LongEdit).")
         params = AksParams(tau_mean=tau_mean, tau_region=tau_region, max_clip_length=max_clip_length,
                            candidates_per_clip=candidates_per_clip, seed=seed)
-        patcher, featurize = make_featurizer(model, _empty_context(model, empty_prompt), feature_timestep)
-        per_frame = patcher.memory_required([ensemble, *samples.shape[1:]])
-        mm.load_models_gpu([patcher], memory_required=per_frame)
+        context = _empty_context(model, empty_prompt)
         device = mm.get_torch_device()
-        chunk = frames_per_chunk(mm.get_free_memory(device), per_frame, 1)
         progress = Progress(samples.shape[0])
+        key = plan_key(model, samples, context, params, [feature_timestep, ensemble], device)
 
-        def features():
-            for part in dift_feature_chunks(samples, featurize, ensemble, seed, chunk):
-                progress.check()
-                yield part
+        def compute() -> KeyframePlan:
+            patcher, featurize = make_featurizer(model, context, feature_timestep)
+            per_frame = patcher.memory_required([ensemble, *samples.shape[1:]])
+            mm.load_models_gpu([patcher], memory_required=per_frame)
+            chunk = frames_per_chunk(mm.get_free_memory(device), per_frame, 1)
 
-        folder = os.path.join(scratch_dir(), f"keyframes_{uuid.uuid4().hex[:12]}")
-        plan = select_keyframes(features(), samples, params, folder=folder, device=device,
-                                on_frames=progress.update)
+            def features():
+                for part in dift_feature_chunks(samples, featurize, ensemble, seed, chunk):
+                    progress.check()
+                    yield part
+
+            folder = os.path.join(scratch_dir(), f"keyframes_{uuid.uuid4().hex[:12]}")
+            return select_keyframes(features(), samples, params, folder=folder, device=device,
+                                    on_frames=progress.update)
+
+        plan = cached_or_selected(StageCache(cache_dir(), CACHE_LIMIT_BYTES), key, compute)
+        progress.update(progress.total)
         firsts = plan.candidates[:, 0]
         preview = plan_preview(latent_thumbnails(model, samples[firsts]), plan.clip_starts, plan.candidates,
                                plan.frame_count)

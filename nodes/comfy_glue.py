@@ -30,6 +30,42 @@ def resume_dir() -> str:
     return os.path.join(folder_paths.get_user_directory(), "longedit", "resume")
 
 
+def cache_dir() -> str:
+    """Where finished inversions and keyframe plans are kept between runs (core/stage_cache.py): beside the
+    sampling states, under ComfyUI's user directory, which ComfyUI does not empty when it starts."""
+    return os.path.join(folder_paths.get_user_directory(), "longedit", "cache")
+
+
+CACHE_LIMIT_BYTES = 64 * 2**30  # cached stage results kept in all; the least recently used go first
+WEIGHT_SAMPLE = 64  # elements hashed per weight tensor: tells checkpoints and patches apart cheaply
+
+
+def add_model_identity(fp, model) -> None:
+    """Add to a Fingerprint what of a MODEL determines its outputs: ComfyUI's version, the architecture,
+    parameterisation (eps or v) and dtype, a sample of every weight, and its weight patches (LoRAs).
+    Attention patches and wrappers of other packs are functions, which a digest cannot read (as for the
+    sampler's run key)."""
+    from .adaflow_edit import plain_value  # ComfyUI's wrappers of patches as plain values; imported late: that
+                                           # node imports the Invert and Keyframe nodes that call this
+    base = model.model
+    try:  # another ComfyUI may compute the same model differently (attention, casting)
+        from comfyui_version import __version__ as comfy_version
+    except ImportError:
+        comfy_version = "unknown"
+    fp.add([comfy_version, type(base.model_config).__name__, [c.__name__ for c in type(base.model_sampling).__mro__],
+            str(model.model_dtype()), str(getattr(base, "manual_cast_dtype", None)),
+            float(getattr(base.latent_format, "scale_factor", 1.0))])
+    # The weights as loaded from the checkpoint: ComfyUI patches LoRAs into the weights of a loaded model in
+    # place and keeps the originals in `backup` (shared by all clones), so a model whose patches happen to be
+    # applied right now has the same key as before it was loaded.
+    backup = getattr(model, "backup", {})
+    for name, weight in base.state_dict().items():
+        if name.startswith("diffusion_model."):
+            original = backup.get(name)
+            fp.add(name).add(original.weight if original is not None else weight, sample=WEIGHT_SAMPLE)
+    fp.add(plain_value(model.patches), sample=WEIGHT_SAMPLE)
+
+
 def scratch_dir() -> str:
     path = os.path.join(folder_paths.get_temp_directory(), "longedit")
     os.makedirs(path, exist_ok=True)

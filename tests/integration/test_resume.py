@@ -1,6 +1,7 @@
 """Resume a long edit after a crash: SIGKILL ComfyUI in the middle of a sampling step, restart it, queue the
 same graph again. The output must equal an uninterrupted run's, frame for frame (lossless FFV1, CPU), and
-only the step that was in flight may run again."""
+only the step that was in flight may run again. After each restart the keyframe plan and the inversion come
+from the stage cache (the first run's), not from the model."""
 import os
 import re
 import signal
@@ -17,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the edit graph
 from test_adaflow_edit import edit_graph, saved_video  # noqa: E402
 
 STEPS = 4
+FROM_CACHE = ("LongEdit: AdaFlow Invert: using the inversion saved by an earlier run",
+              "LongEdit: AdaFlow Keyframe Selection: using the keyframe plan saved by an earlier run")
 
 
 def graph(name: str) -> dict:
@@ -60,6 +63,8 @@ def test_sigkill_mid_step_then_restart_resumes_losing_at_most_that_step(tmp_path
         assert execution_error(entry) is None, execution_error(entry)
         reference = frames_of(saved_video(server, entry))
         assert saved_step(states) == STEPS - 1
+        log = server.log.read_text()
+        assert not any(message in log for message in FROM_CACHE), log[-3000:]  # computed: nothing cached yet
     finally:
         stop_comfy(server)
     for f in os.listdir(states):  # forget it, so that the next run computes
@@ -74,6 +79,8 @@ def test_sigkill_mid_step_then_restart_resumes_losing_at_most_that_step(tmp_path
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait()
     killed_at = saved_step(states)
+    log = server.log.read_text()
+    assert all(message in log for message in FROM_CACHE), log[-3000:]  # the restarted run reused both stages
     assert 1 <= killed_at < STEPS - 1, killed_at
 
     server = start_comfy(base, restart=True)
@@ -83,6 +90,7 @@ def test_sigkill_mid_step_then_restart_resumes_losing_at_most_that_step(tmp_path
         log = server.log.read_text()
         resumed = re.findall(r"resuming at step (\d+) of (\d+)", log)
         assert resumed == [(str(killed_at + 2), str(STEPS))], (resumed, killed_at, log[-3000:])
+        assert all(message in log for message in FROM_CACHE), log[-3000:]
         assert np.array_equal(frames_of(saved_video(server, entry)), reference)
     finally:
         stop_comfy(server)

@@ -116,6 +116,9 @@ for module in (glue, keys_node, invert_node, edit_node):
 # Each sampling run keeps its states in a fresh folder, so that runs compared here never resume from each
 # other (the resume section below uses one folder on purpose).
 edit_node.resume_dir = lambda: tempfile.mkdtemp()
+# Likewise the inversion and the keyframe plan are computed by every call here (the stage cache would load
+# the first call's result; tests/integration/test_stage_cache.py tests it).
+keys_node.cache_dir = invert_node.cache_dir = lambda: tempfile.mkdtemp()
 
 SMALL = {"1 frame": 1, "3 frames": 3}
 

@@ -52,3 +52,19 @@ def unet_pair():
     from reference.unet_pair import build_unet_pair
 
     return build_unet_pair(seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_user_directory(tmp_path_factory):
+    """ComfyUI's user directory in a folder of this session: the nodes keep finished inversions and keyframe
+    plans there (the stage cache) and would load an earlier session's instead of computing what is tested;
+    nor should tests write into the checkout."""
+    if SKIP_REASON:
+        yield
+        return
+    import folder_paths
+
+    previous = folder_paths.get_user_directory()
+    folder_paths.set_user_directory(str(tmp_path_factory.mktemp("comfy_user")))
+    yield
+    folder_paths.set_user_directory(previous)
