@@ -42,7 +42,7 @@ def main() -> int:
     pack = importlib.util.module_from_spec(spec)
     sys.modules["longedit"] = pack
     spec.loader.exec_module(pack)
-    from longedit.core.isa_policy import IsaSettings
+    from longedit.core.isa.policy import IsaSettings
     from longedit.nodes.isa_attention import patch_model
 
     model = comfy.sd.load_diffusion_model(wan, model_options={"dtype": torch.bfloat16})

@@ -42,7 +42,7 @@ def synthetic_plan(k: int, latent_hw: tuple[int, int]):
     """K one-frame clips (every frame a keyframe) with random AAS scores."""
     import torch
 
-    from longedit.core.keyframes import AksParams, KeyframePlan, attention_levels
+    from longedit.core.adaflow.keyframes import AksParams, KeyframePlan, attention_levels
 
     levels = attention_levels(*latent_hw)
     h1, w1 = levels[1]
@@ -60,7 +60,7 @@ def one_step(model, k: int, hw: tuple[int, int], use_aas: bool, budget: int) -> 
     import comfy.model_management as mm
     import comfy.sample
     import comfy.samplers
-    from longedit.core.inversion import Inversion
+    from longedit.core.adaflow.inversion import Inversion
     from longedit.nodes.adaflow_edit import patch_model
     import longedit.nodes.adaflow_edit as edit_node
     import tempfile

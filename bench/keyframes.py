@@ -83,8 +83,8 @@ def child(args) -> None:
     import comfy.sd
 
     import_pack()
-    from longedit.core.dift import dift_feature_chunks
-    from longedit.core.keyframes import AksParams, reference_all_pairs_bytes, select_keyframes
+    from longedit.core.adaflow.dift import dift_feature_chunks
+    from longedit.core.adaflow.keyframes import AksParams, reference_all_pairs_bytes, select_keyframes
     from longedit.core.memory import frames_per_chunk
     from longedit.nodes.adaflow_keyframes import make_featurizer
 

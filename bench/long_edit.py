@@ -141,9 +141,9 @@ def child(args) -> None:
     import comfy.sd
 
     import_pack()
-    from longedit.core.dift import dift_feature_chunks
-    from longedit.core.inversion import ddim_invert
-    from longedit.core.keyframes import AksParams, select_keyframes
+    from longedit.core.adaflow.dift import dift_feature_chunks
+    from longedit.core.adaflow.inversion import ddim_invert
+    from longedit.core.adaflow.keyframes import AksParams, select_keyframes
     from longedit.core.memory import frames_per_chunk
     from longedit.nodes.adaflow_edit import card_plan, patch_model
     from longedit.nodes.adaflow_invert import make_eps

@@ -41,7 +41,7 @@ def import_pack():
         module = importlib.util.module_from_spec(spec)
         sys.modules["longedit"] = module
         spec.loader.exec_module(module)
-    from longedit.core import sample_video, video_sink, video_source
+    from longedit.core.video import sample as sample_video, sink as video_sink, source as video_source
 
     return sample_video, video_source, video_sink
 

@@ -201,7 +201,7 @@ def write_sample(path: Path) -> None:
     """The sample video: 4 s at 24 fps, 336x192, moving shapes, scene cuts at 1.33 s and 2.67 s, a tone."""
     import os
 
-    from ..core.sample_video import write_sample_video
+    from ..core.video.sample import write_sample_video
 
     partial = path.with_name(f".{path.name}.partial")  # hidden until complete: never a half-written input
     write_sample_video(str(partial), frames=96, width=336, height=192, fps=24, audio_seconds=4.0,

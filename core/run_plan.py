@@ -15,7 +15,7 @@ GIB = 2**30
 # ComfyUI 0.3.64's samplers.py (state, noise, start latent, denoised, d, next x; per CFG branch the batched
 # input, the model output, the cond output and its count; the CFG result) -- a count, not a measurement
 SAMPLER_COPIES = 16
-# Euler/DDIM taken pass by pass (core/adaflow_sampling.py): the LATENT the sampler got, its zero noise, the one
+# Euler/DDIM taken pass by pass (core/adaflow/sampling.py): the LATENT the sampler got, its zero noise, the one
 # state tensor, and the output latent at the end -- counted in the same code, not measured
 PASS_BY_PASS_COPIES = 4
 MIN_WEIGHTS_ON_GPU = 128 * 2**20  # ComfyUI keeps at least this much of a model's weights loaded

@@ -13,13 +13,13 @@ from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from comfy_api.latest import io
 
-from ..core.adaflow_attention import adaflow_self_attention
-from ..core.adaflow_edit import FeatureInjection, KeyframeEditor
-from ..core.adaflow_sampling import euler_by_passes, passes_of_step
+from ..core.adaflow.attention import adaflow_self_attention
+from ..core.adaflow.edit import FeatureInjection, KeyframeEditor
+from ..core.adaflow.sampling import euler_by_passes, passes_of_step
 from ..core.resume import Fingerprint, StepStore
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
-from ..core.adaflow_records import ROWS
+from ..core.adaflow.records import ROWS
 from ..core.run_plan import PASS_BY_PASS_COPIES, SAMPLER_COPIES, GpuPlan, RunPlan, available_ram, check_gpu
 from ..core.schedule import step_index
 from .adaflow_invert import InversionType
@@ -214,7 +214,7 @@ def sample_on_host(executor, noise, latent_image, sampler, sigmas, denoise_mask=
     ComfyUI moves the noise and the latents of all frames to the GPU and its sampler keeps ~16 full-batch
     copies; here they stay on the host and only each pass's frames travel to the GPU, so GPU memory does not
     grow with the number of frames. With Euler/DDIM (AdaFlow's sampler) the step is taken pass by pass on
-    one state tensor (core/adaflow_sampling.py), so RAM holds ~4 copies of the latents instead of ~16; other
+    one state tensor (core/adaflow/sampling.py), so RAM holds ~4 copies of the latents instead of ~16; other
     samplers run their own loop on the host tensors."""
     guider = executor.class_obj
     state = _adaflow_state(guider.model_options)

@@ -14,9 +14,9 @@ import comfy.model_management as mm
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..core import inversion as inversion_module
+from ..core.adaflow import inversion as inversion_module
 from ..core.errors import LongEditError
-from ..core.inversion import Inversion, ddim_invert, inversion_grid
+from ..core.adaflow.inversion import Inversion, ddim_invert, inversion_grid
 from ..core.memory import frames_per_chunk
 from ..core.resume import Fingerprint
 from ..core.run_plan import RunPlan, check_resources

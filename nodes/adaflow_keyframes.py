@@ -15,12 +15,12 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from .. import kernels
-from ..core import dift as dift_module, keyframes as keyframes_module
-from ..core.dift import dift_feature_chunks
+from ..core.adaflow import dift as dift_module, keyframes as keyframes_module
+from ..core.adaflow.dift import dift_feature_chunks
 from ..core.errors import LongEditError
-from ..core.keyframes import AksParams, KeyframePlan, select_keyframes
+from ..core.adaflow.keyframes import AksParams, KeyframePlan, select_keyframes
 from ..core.memory import frames_per_chunk
-from ..core.preview import plan_preview
+from ..core.adaflow.preview import plan_preview
 from ..core.resume import Fingerprint
 from ..core.stage_cache import CachedStage, StageCache, source_digest
 from .comfy_glue import (CACHE_LIMIT_BYTES, LongVideoType, Progress, add_model_identity, cache_dir, check_sd_unet,

@@ -13,7 +13,7 @@ from comfy_api.latest import io
 
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
-from ..core.paths import check_output_path, output_prefix
+from ..core.video.paths import check_output_path, output_prefix
 
 LongVideoType = io.Custom("LONGEDIT_VIDEO")
 

@@ -7,7 +7,7 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..core.errors import LongEditError
-from ..core.isa_policy import BACKENDS, CONTEXT_LAYOUTS, IsaAttention, IsaSettings
+from ..core.isa.policy import BACKENDS, CONTEXT_LAYOUTS, IsaAttention, IsaSettings
 
 WRAPPER_KEY = "longedit_isa"
 OTHER_MODELS = ("error", "pass through unchanged")

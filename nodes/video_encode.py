@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.errors import LongEditError
-from ..core.video_source import LongVideo, iter_frames
+from ..core.video.source import LongVideo, iter_frames
 from .comfy_glue import LongVideoType, Progress, vae_chunk
 
 

@@ -11,10 +11,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core.errors import LongEditError
-from ..core.input_policy import refuse_protocol
-from ..core.paths import resolve_inside
-from ..core.video_sink import VideoWriter, read_audio_input
-from ..core.video_source import RESIZE_MODES, START_UNITS, Selection, probe_video, read_audio, read_frames, select_frames
+from ..core.video.input_policy import refuse_protocol
+from ..core.video.paths import resolve_inside
+from ..core.video.sink import VideoWriter, read_audio_input
+from ..core.video.source import RESIZE_MODES, START_UNITS, Selection, probe_video, read_audio, read_frames, select_frames
 from .comfy_glue import LongVideoType, allowed_roots, scratch_dir, to_uint8
 
 IMAGES_AUTO = "auto (all when connected)"

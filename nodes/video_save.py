@@ -10,9 +10,9 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from ..core.errors import LongEditError
-from ..core.video_sink import (FORMAT_LABELS, OUTPUT_FORMATS, AudioFromFile, VideoWriter,
+from ..core.video.sink import (FORMAT_LABELS, OUTPUT_FORMATS, AudioFromFile, VideoWriter,
                                read_audio_input)
-from ..core.video_source import LongVideo
+from ..core.video.source import LongVideo
 from .comfy_glue import LongVideoType, Progress, output_target, to_uint8, vae_chunk
 from .video_encode import check_image_vae
 

@@ -46,6 +46,10 @@ MODULES = {
     "run_plan": [UNIT + "test_run_plan.py", UNIT + "test_policy_semantics.py"],
     "isa_policy": [UNIT + "test_policy_semantics.py"],
 }
+# where each module lives under core/
+MODULE_FILES = {"adaflow_attention": "adaflow/attention.py", "adaflow_edit": "adaflow/edit.py",
+                "keyframes": "adaflow/keyframes.py", "inversion": "adaflow/inversion.py", "run_plan": "run_plan.py",
+                "isa_policy": "isa/policy.py"}
 # The keyframe-pass reference test (tests/reference/test_keyframe_pass_reference.py, ~3 min on 2 shared cores)
 # is left out of the per-mutant selection: with `--with-reference` it is added for the adaflow modules.
 KEYFRAME_REFERENCE = REF + "test_keyframe_pass_reference.py"
@@ -198,7 +202,7 @@ def main() -> int:
             tests = MODULES[name] + ([KEYFRAME_REFERENCE] if args.with_reference and name.startswith("adaflow") else [])
             tests = [t for t in tests if (tree / t).exists()]
             cfg, db, log = out / f"{name}.toml", out / f"{name}.sqlite", out / f"{name}.log"
-            write_config(cfg, tree / "core" / f"{name}.py", tests, sock, log)
+            write_config(cfg, tree / "core" / MODULE_FILES[name], tests, sock, log)
             cr = lambda *a: subprocess.run([str(BIN / a[0]), *a[1:]], cwd=tree, check=True)  # noqa: E731
             cr("cosmic-ray", "init", str(cfg), str(db))
             cr("cr-filter-operators", str(db), str(cfg))

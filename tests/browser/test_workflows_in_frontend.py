@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from comfy_harness import CKPT, REPO, execution_error
-from longedit.core.sample_video import write_sample_video
-from longedit.core.video_source import probe_video
+from longedit.core.video.sample import write_sample_video
+from longedit.core.video.source import probe_video
 
 WORKFLOWS = Path(os.environ.get("LONGEDIT_WORKFLOWS") or REPO / "workflows")
 SCREENSHOTS = REPO / "docs" / "screenshots"

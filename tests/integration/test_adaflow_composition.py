@@ -23,7 +23,7 @@ import tempfile
 import longedit_pack.nodes.adaflow_edit as edit_node_module
 edit_node_module.resume_dir = lambda: tempfile.mkdtemp()  # every run afresh: the runs compared must all compute
 from longedit_pack.nodes.adaflow_invert import make_eps
-from longedit_pack.core.inversion import ddim_invert
+from longedit_pack.core.adaflow.inversion import ddim_invert
 
 model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path_or_raise("checkpoints", CKPT))
 calls = {"attn1_patch": 0, "other_replace": 0}
@@ -61,7 +61,7 @@ assert calls["attn1_patch"] > 0 and calls["other_replace"] > 0, calls
 assert patched.object_patches and not model.object_patches
 
 # The keyframe plan must come from the same frames in the same order as the inversion.
-from longedit_pack.core.keyframes import select_keyframes
+from longedit_pack.core.adaflow.keyframes import select_keyframes
 from longedit_pack.core.errors import LongEditError
 plan = select_keyframes([torch.randn(3, 8, 8, 14)], latents)
 patch_model(model, inversion, plan, 1.0, 1.0, 20)  # the same frames: accepted
@@ -74,7 +74,7 @@ except LongEditError as e:
 
 # Keyframe Editing and Latent Propagation give the same model in either order.
 from longedit_pack.nodes.adaflow_propagation import propagate_from_keyframes
-plan = select_keyframes([torch.randn(3, 8, 8, 14)], latents, __import__("longedit_pack.core.keyframes",
+plan = select_keyframes([torch.randn(3, 8, 8, 14)], latents, __import__("longedit_pack.core.adaflow.keyframes",
                         fromlist=["AksParams"]).AksParams(max_clip_length=1, candidates_per_clip=1))
 a = propagate_from_keyframes(patch_model(model, inversion, plan, 1.0, 1.0, 20), plan)
 b = patch_model(propagate_from_keyframes(model, plan), inversion, plan, 1.0, 1.0, 20)
@@ -85,7 +85,7 @@ assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
 # Cancel during a step stops after the current chunk: the keyframe pass runs, the other frames do not.
 import comfy.model_management as mm
 import longedit_pack.nodes.adaflow_edit as edit_node
-from longedit_pack.core.adaflow_edit import KeyframeEditor
+from longedit_pack.core.adaflow.edit import KeyframeEditor
 plan = select_keyframes([torch.randn(1, 8, 8, 14).expand(3, -1, -1, -1).contiguous()], latents)  # one scene
 assert plan.clip_count == 1, plan.clip_count
 passes = []

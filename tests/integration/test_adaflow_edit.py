@@ -2,8 +2,8 @@
 import pytest
 
 from comfy_harness import CKPT, execution_error, load_video_node
-from longedit.core.sample_video import write_sample_video
-from longedit.core.video_source import probe_video, read_audio
+from longedit.core.video.sample import write_sample_video
+from longedit.core.video.source import probe_video, read_audio
 
 STEPS = 3
 

@@ -2,7 +2,7 @@
 import pytest
 
 from comfy_harness import CKPT, execution_error, load_video_node
-from longedit.core.sample_video import write_sample_video
+from longedit.core.video.sample import write_sample_video
 
 
 @pytest.fixture(scope="module")

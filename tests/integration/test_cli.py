@@ -16,8 +16,8 @@ import av
 import pytest
 
 from comfy_harness import CKPT, REPO, _comfy_python
-from longedit.core.sample_video import write_sample_video
-from longedit.core.video_source import probe_video
+from longedit.core.video.sample import write_sample_video
+from longedit.core.video.source import probe_video
 
 FRAMES = 12
 TINY = ["--set", f"Load Checkpoint.ckpt_name={CKPT}", "--set", f"2.frame_cap={FRAMES}", "--set", "2.width=112",

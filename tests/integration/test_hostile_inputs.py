@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from comfy_harness import execution_error, load_video_node
-from longedit.core.sample_video import frame_image, write_sample_video
+from longedit.core.video.sample import frame_image, write_sample_video
 
 FPS = 24
 SECONDS = 0.5  # 12 frames at 24 fps

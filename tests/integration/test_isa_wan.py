@@ -17,7 +17,7 @@ import torch, comfy.sd, comfy.sample
 spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO, "__init__.py"))
 pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
 from longedit_pack.nodes.isa_attention import patch_model
-from longedit_pack.core.isa_policy import IsaSettings
+from longedit_pack.core.isa.policy import IsaSettings
 from longedit_pack.core.errors import LongEditError
 
 model = comfy.sd.load_diffusion_model(WAN)  # ComfyUI's own loader detects Wan from the keys

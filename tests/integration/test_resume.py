@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 from comfy_harness import execution_error, start_comfy, stop_comfy
-from longedit.core.sample_video import write_sample_video
-from longedit.core.video_source import open_long_video, read_frames
+from longedit.core.video.sample import write_sample_video
+from longedit.core.video.source import open_long_video, read_frames
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the edit graph of the end-to-end tests
 from test_adaflow_edit import edit_graph, saved_video  # noqa: E402

@@ -38,13 +38,13 @@ import longedit_pack.nodes.adaflow_keyframes as keys_node
 import longedit_pack.nodes.adaflow_invert as invert_node
 import longedit_pack.nodes.adaflow_edit as edit_node
 import longedit_pack.nodes.video_save as save_node
-import longedit_pack.core.keyframes as core_keyframes
-import longedit_pack.core.adaflow_records as core_records
-from longedit_pack.core.adaflow_edit import KeyframeEditor
-from longedit_pack.core.dift import dift_feature_chunks
-from longedit_pack.core.keyframes import AksParams, select_keyframes
-from longedit_pack.core.video_sink import VideoWriter
-from longedit_pack.core.video_source import open_long_video
+import longedit_pack.core.adaflow.keyframes as core_keyframes
+import longedit_pack.core.adaflow.records as core_records
+from longedit_pack.core.adaflow.edit import KeyframeEditor
+from longedit_pack.core.adaflow.dift import dift_feature_chunks
+from longedit_pack.core.adaflow.keyframes import AksParams, select_keyframes
+from longedit_pack.core.video.sink import VideoWriter
+from longedit_pack.core.video.source import open_long_video
 from longedit_pack.nodes.adaflow_propagation import propagate_from_keyframes
 from longedit_pack.nodes.video_encode import encode_long_video
 

@@ -29,8 +29,8 @@ spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO
 pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
 import longedit_pack.nodes.adaflow_keyframes as keys_node
 import longedit_pack.nodes.adaflow_invert as invert_node
-import longedit_pack.core.inversion as core_inversion
-import longedit_pack.core.keyframes as core_keyframes
+import longedit_pack.core.adaflow.inversion as core_inversion
+import longedit_pack.core.adaflow.keyframes as core_keyframes
 import longedit_pack.core.stage_cache as core_stage_cache
 from longedit_pack.core.resume import Fingerprint
 from longedit_pack.core.stage_cache import StageCache

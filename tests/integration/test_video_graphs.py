@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from comfy_harness import CKPT, execution_error, load_video_node as load_node
-from longedit.core.sample_video import write_sample_video
-from longedit.core.video_source import probe_video, read_audio, read_frames, select_frames, Selection
+from longedit.core.video.sample import write_sample_video
+from longedit.core.video.source import probe_video, read_audio, read_frames, select_frames, Selection
 
 FPS = 24
 AAC_FRAME = 1024 / 44100  # audio is copied packet by packet: trims are exact to one AAC frame
@@ -77,7 +77,7 @@ def test_core_video_type_and_image_path(comfy, clip):
     pngs = [p for p in outputs_of(comfy, before) if p.suffix == ".png"]
     assert len(pngs) == 6
     assert any(p.name == "audio.mka" for p in outputs_of(comfy, before))
-    from longedit.core.sample_video import read_index
+    from longedit.core.video.sample import read_index
     import numpy as np
     import av
     indices = []

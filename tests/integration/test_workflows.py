@@ -20,7 +20,7 @@ import pytest
 from comfy_harness import CKPT, REPO, _comfy_python, execution_error
 from longedit.cli.workflow_format import (NOTE_TYPES, check_api, socket_inputs, ui_to_api, widget_names)
 from longedit.cli.workflows import SAMPLE_VIDEO, write_sample
-from longedit.core.video_source import probe_video
+from longedit.core.video.source import probe_video
 
 WORKFLOWS = REPO / "workflows"
 NAMES = ["adaflow_keyframe_preview", "adaflow_long_video_edit", "adaflow_short_clip_edit", "isa_wan_video"]

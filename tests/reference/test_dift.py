@@ -51,7 +51,7 @@ def schema_default(node, name: str):
 
 def test_dift_features_match_the_reference_featurizer(unet_pair):
     """Bound 1e-3 relative: our features come back as float16 (2^-11 rounding); the UNets agree to ~1e-6."""
-    from longedit.core.dift import dift_feature_chunks, ensemble_noise
+    from longedit.core.adaflow.dift import dift_feature_chunks, ensemble_noise
     from longedit.nodes.adaflow_keyframes import AdaFlowKeyframeSelection, make_featurizer
 
     t = schema_default(AdaFlowKeyframeSelection, "feature_timestep")

@@ -147,8 +147,8 @@ def reference_kept_tokens(features: torch.Tensor, size, budget: int):
 
 @pytest.fixture(scope="module")
 def setup(unet_pair):
-    from longedit.core.inversion import Inversion
-    from longedit.core.keyframes import AksParams, select_keyframes
+    from longedit.core.adaflow.inversion import Inversion
+    from longedit.core.adaflow.keyframes import AksParams, select_keyframes
 
     g = torch.Generator().manual_seed(5)
     ms = unet_pair.base.model_sampling
@@ -221,7 +221,7 @@ def slots_at(plan, step):
 
 @pytest.mark.parametrize("step", [1, 4])
 def test_keyframe_pass_and_propagation_match_the_reference(unet_pair, setup, step):
-    from longedit.core.keyframes import attention_levels
+    from longedit.core.adaflow.keyframes import attention_levels
 
     inversion, plan, features, x, conds = setup
     ms = unet_pair.base.model_sampling
@@ -315,8 +315,8 @@ def test_aas_kept_tokens_against_the_reference_rule(setup):
     carries ~2^-11 relative error per token component and 2^-12 more from storing the score, so two tokens
     whose float64 scores differ by less than FP16_TIE = 1.5e-3 may rank either way. At the scored level
     every token kept by one rule and not the other must sit within FP16_TIE of the reference's threshold."""
-    from longedit.core.adaflow_edit import KeyframeEditor
-    from longedit.core.keyframes import AAS_LEVEL
+    from longedit.core.adaflow.edit import KeyframeEditor
+    from longedit.core.adaflow.keyframes import AAS_LEVEL
 
     inversion, plan, features, x, conds = setup
     editor = KeyframeEditor(inversion, plan, PNP_ATTN_T, PNP_F_T, BUDGET)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from longedit.core.adaflow_attention import PassLayout, aas_selection, adaflow_self_attention, extended_attention
-from longedit.core.adaflow_edit import FeatureInjection, KeyframeEditor
+from longedit.core.adaflow.attention import PassLayout, aas_selection, adaflow_self_attention, extended_attention
+from longedit.core.adaflow.edit import FeatureInjection, KeyframeEditor
 from longedit.core.errors import LongEditError
-from longedit.core.inversion import ddim_invert, ddim_sample, inversion_grid
+from longedit.core.adaflow.inversion import ddim_invert, ddim_sample, inversion_grid
 from longedit.kernels.aas_reference import extended_attention_reference
 
 
@@ -185,7 +185,7 @@ def test_inversion_grid_holds_every_sampler_sigma_once():
 
 
 def test_inversion_is_chunk_independent_and_on_disk(tmp_path, monkeypatch):
-    import longedit.core.inversion as inv
+    import longedit.core.adaflow.inversion as inv
 
     monkeypatch.setattr(inv, "ON_DISK_BYTES", 0)
     x0 = torch.randn(5, 4, 6, 10)

@@ -28,11 +28,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longedit.core.adaflow_attention import PassLayout, aas_selection, adaflow_self_attention
-from longedit.core.adaflow_edit import FeatureInjection, KeyframeEditor
+from longedit.core.adaflow.attention import PassLayout, aas_selection, adaflow_self_attention
+from longedit.core.adaflow.edit import FeatureInjection, KeyframeEditor
 from longedit.core.errors import LongEditError
-from longedit.core.inversion import Inversion
-from longedit.core.keyframes import AAS_LEVEL, AksParams, KeyframePlan, attention_levels
+from longedit.core.adaflow.inversion import Inversion
+from longedit.core.adaflow.keyframes import AAS_LEVEL, AksParams, KeyframePlan, attention_levels
 
 LATENT = (6, 10)
 LEVELS = attention_levels(*LATENT, count=3)  # (6, 10), (3, 5), (2, 3): odd grids below the first

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from longedit.core import input_policy
+from longedit.core.video import input_policy
 from longedit.core.errors import LongEditError
-from longedit.core.input_policy import ALLOWED_DEMUXERS, MULTI_FILE_DEMUXERS, open_input, refuse_protocol
-from longedit.core.paths import check_output_path, output_prefix, resolve_inside
-from longedit.core.sample_video import frame_image, read_index, write_sample_video
-from longedit.core.video_sink import (AudioFromFile, AudioWaveform, VideoWriter, downmix_to_stereo,
+from longedit.core.video.input_policy import ALLOWED_DEMUXERS, MULTI_FILE_DEMUXERS, open_input, refuse_protocol
+from longedit.core.video.paths import check_output_path, output_prefix, resolve_inside
+from longedit.core.video.sample import frame_image, read_index, write_sample_video
+from longedit.core.video.sink import (AudioFromFile, AudioWaveform, VideoWriter, downmix_to_stereo,
                                       read_audio_input)
-from longedit.core.video_source import Selection, probe_video, read_audio, read_frames, select_frames
+from longedit.core.video.source import Selection, probe_video, read_audio, read_frames, select_frames
 
 TONES = (300.0, 500.0, 700.0, 60.0, 900.0, 1100.0, 1300.0, 1500.0)  # FL FR FC LFE BL BR SL SR
 

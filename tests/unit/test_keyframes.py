@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longedit.core.errors import LongEditError
-from longedit.core.keyframes import (
+from longedit.core.adaflow.keyframes import (
     AksParams, attention_levels, chunks_of, reference_all_pairs_bytes, select_keyframes, spread_candidates,
 )
 

@@ -19,8 +19,8 @@ sys.modules[name] = module
 spec.loader.exec_module(module)
 assert inspect.iscoroutinefunction(module.comfy_entrypoint)
 import importlib
-core = importlib.import_module(name + ".core.video_source")
-importlib.import_module(name + ".core.video_sink")
+core = importlib.import_module(name + ".core.video.source")
+importlib.import_module(name + ".core.video.sink")
 assert not any(m == "comfy" or m.startswith("comfy.") for m in sys.modules), "core imported ComfyUI"
 print("ok", module.__version__)
 """

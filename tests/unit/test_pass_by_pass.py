@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from longedit.core.adaflow_records import ROWS, KeyframeRecords
-from longedit.core.adaflow_sampling import euler_by_passes, passes_of_step
+from longedit.core.adaflow.records import ROWS, KeyframeRecords
+from longedit.core.adaflow.sampling import euler_by_passes, passes_of_step
 
 
 def full_record(clips: int, tokens: int, channels: int, seed: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 
 from longedit.core.errors import LongEditError
 from longedit.core.memory import MAX_CHUNK_FRAMES, frames_per_chunk
-from longedit.core.paths import atomic_output, resolve_inside
+from longedit.core.video.paths import atomic_output, resolve_inside
 
 
 @pytest.fixture

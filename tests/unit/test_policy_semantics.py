@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from longedit.core.errors import LongEditError
-from longedit.core.inversion import ddim_invert
-from longedit.core.isa_policy import IsaAttention, IsaSettings, context_range
-from longedit.core.keyframes import AAS_LEVEL, AksParams, select_keyframes
+from longedit.core.adaflow.inversion import ddim_invert
+from longedit.core.isa.policy import IsaAttention, IsaSettings, context_range
+from longedit.core.adaflow.keyframes import AAS_LEVEL, AksParams, select_keyframes
 from longedit.core.run_plan import GIB, SAMPLER_COPIES, GpuPlan, RunPlan, available_ram, check_resources, free_disk
 from longedit.kernels import isa_attention
 
@@ -206,7 +206,7 @@ def test_context_errors_and_settings_validation():
 
 
 def test_triton_backend_needs_triton(monkeypatch):
-    import longedit.core.isa_policy as policy
+    import longedit.core.isa.policy as policy
 
     monkeypatch.setattr(policy, "HAVE_TRITON", False)
     with pytest.raises(LongEditError, match="Triton is not installed"):
@@ -285,7 +285,7 @@ def test_a_swap_of_small_latents_is_caught_by_the_fingerprint(written):
 def replace_latents_scale(plan, latents, scale):
     from dataclasses import replace
 
-    from longedit.core.keyframes import latent_fingerprint
+    from longedit.core.adaflow.keyframes import latent_fingerprint
 
     return replace(plan, fingerprint=latent_fingerprint(latents * scale))
 
@@ -314,7 +314,7 @@ def test_a_positional_mask_marks_the_call_as_not_isa():
 
 
 def test_inversion_disk_refusal_states_the_sizes(monkeypatch, tmp_path):
-    import longedit.core.inversion as inv
+    import longedit.core.adaflow.inversion as inv
 
     monkeypatch.setattr(inv, "free_disk", lambda folder: 10 * 2**30)
     with pytest.raises(LongEditError, match=r"needs 20\.0 GiB in .* where 10\.0 GiB are free"):

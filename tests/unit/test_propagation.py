@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from longedit.core.adaflow_attention import adaflow_self_attention
-from longedit.core.adaflow_edit import KeyframeEditor
+from longedit.core.adaflow.attention import adaflow_self_attention
+from longedit.core.adaflow.edit import KeyframeEditor
 from longedit.core.errors import LongEditError
-from longedit.core.inversion import Inversion
-from longedit.core.keyframes import AksParams, KeyframePlan
+from longedit.core.adaflow.inversion import Inversion
+from longedit.core.adaflow.keyframes import AksParams, KeyframePlan
 
 FRAMES, H, W = 12, 2, 5  # one attention level of 2 x 5 tokens
 STEPS = 3

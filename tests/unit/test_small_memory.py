@@ -84,9 +84,9 @@ def test_keyframe_pass_one_branch_at_a_time_is_the_same_computation():
     """With a keyframe plan the keyframe pass runs per branch ([source | branch b]) so its size does not grow
     with the CFG branches; outputs and the record propagation reads must be those of one joint pass."""
     import torch
-    from longedit.core.adaflow_edit import KeyframeEditor
-    from longedit.core.inversion import ddim_invert
-    from longedit.core.keyframes import AksParams, select_keyframes
+    from longedit.core.adaflow.edit import KeyframeEditor
+    from longedit.core.adaflow.inversion import ddim_invert
+    from longedit.core.adaflow.keyframes import AksParams, select_keyframes
 
     torch.manual_seed(0)
     frames, branches, shape = 21, 2, (4, 3, 5)

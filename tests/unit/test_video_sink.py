@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from longedit.core.errors import LongEditError
-from longedit.core.sample_video import frame_image, read_index, tone, write_sample_video
-from longedit.core.video_sink import FORMAT_LABELS, AudioFromFile, AudioWaveform, VideoWriter
-from longedit.core.video_source import Selection, iter_frames, probe_video, read_audio, read_frames, select_frames
+from longedit.core.video.sample import frame_image, read_index, tone, write_sample_video
+from longedit.core.video.sink import FORMAT_LABELS, AudioFromFile, AudioWaveform, VideoWriter
+from longedit.core.video.source import Selection, iter_frames, probe_video, read_audio, read_frames, select_frames
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from longedit.core.errors import LongEditError
-from longedit.core.sample_video import read_index, tone, write_sample_video
-from longedit.core.video_source import (
+from longedit.core.video.sample import read_index, tone, write_sample_video
+from longedit.core.video.source import (
     Selection, iter_frames, plan_geometry, probe_video, read_audio, read_frames, select_frames,
 )
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adaflow_attention import PassLayout, Propagation, aas_selection, as_index, pnp_active_steps
-from .adaflow_records import KeyframeRecords
-from .errors import LongEditError
+from .attention import PassLayout, Propagation, aas_selection, as_index, pnp_active_steps
+from .records import KeyframeRecords
+from ..errors import LongEditError
 from .inversion import Inversion
 from .keyframes import AAS_LEVEL, KeyframePlan
 

@@ -30,8 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import LongEditError
-from .run_plan import free_disk
+from ..errors import LongEditError
+from ..run_plan import free_disk
 
 ON_DISK_BYTES = 256 * 2**20
 

@@ -14,7 +14,7 @@ from typing import Iterator
 import av
 import numpy as np
 
-from .errors import LongEditError
+from ..errors import LongEditError
 from .input_policy import open_input
 
 RESIZE_MODES = ("crop", "pad", "stretch")

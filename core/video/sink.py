@@ -11,7 +11,7 @@ from typing import Iterator
 import av
 import numpy as np
 
-from .errors import LongEditError
+from ..errors import LongEditError
 from .input_policy import open_input
 from .paths import atomic_output
 
@@ -210,7 +210,7 @@ def _encoded_audio(out: av.container.OutputContainer, wave: AudioWaveform, encod
 
 
 def _source_waveform(src: AudioFromFile) -> AudioWaveform:
-    from .video_source import read_audio  # local: sinks do not otherwise need the reader
+    from .source import read_audio  # local: sinks do not otherwise need the reader
 
     samples, rate = read_audio(src.path, src.start_time, src.end_time)
     with open_input(src.path) as container:

@@ -7,7 +7,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-from .errors import LongEditError
+from ..errors import LongEditError
 
 
 def resolve_inside(path: str, roots: Iterable[str], base: str | None = None) -> str:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..kernels import find_nearest
-from .errors import LongEditError
+from ...kernels import find_nearest
+from ..errors import LongEditError
 
 ON_DISK_BYTES = 256 * 2**20  # arrays larger than this are memory-mapped files
 MATCH_FRAMES = 16  # frames matched at once against a clip's candidates (bounds the device memory)

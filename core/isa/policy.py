@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from ..kernels import HAVE_TRITON, isa_attention
-from .errors import LongEditError
-from .schedule import step_index
+from ...kernels import HAVE_TRITON, isa_attention
+from ..errors import LongEditError
+from ..schedule import step_index
 
 CONTEXT_LAYOUTS = ("none", "second half", "last N latent frames")
 BACKENDS = ("auto", "triton", "torch")

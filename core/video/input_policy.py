@@ -1,6 +1,6 @@
 """What LongEdit agrees to open: plain media files, never playlists, lists, protocols or devices.
 
-A path that passed the folder check (core/paths.py resolve_inside) can still make FFmpeg read elsewhere:
+A path that passed the folder check (core/video/paths.py resolve_inside) can still make FFmpeg read elsewhere:
 an HLS playlist or a concat list names other files (absolute paths included), an image2 pattern expands
 to many files, an SDP file opens network streams. So every input is checked three times:
   1. before opening: a regular file (not a FIFO or device), no playlist/list extension, and no playlist or
@@ -15,7 +15,7 @@ import re
 
 import av
 
-from .errors import LongEditError
+from ..errors import LongEditError
 
 # Demuxers that read one self-contained file. Anything else (hls, concat, dash, image2, sdp, devices...)
 # is refused by FFmpeg itself through format_whitelist.

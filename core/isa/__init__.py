@@ -1,0 +1,1 @@
+"""ISA: in-context sparse attention policy for video-editing DiTs."""

@@ -1,0 +1,1 @@
+"""Video I/O: streaming sources and sinks, the input policy, atomic output paths, generated test videos."""
