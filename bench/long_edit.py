@@ -18,7 +18,14 @@ normal,low also runs ComfyUI's --lowvram mode. Each row prints the memory plan's
 beside the measured one, and host RAM and disk per frame. --out appends every row as JSON; --report FILES
 prints the table of rows gathered by earlier runs (e.g. from several 10-minute device calls).
 
+--e2e runs what a user runs instead: the shipped workflow adaflow_long_video_edit through the headless runner
+(in a fresh process per length; a synthetic 384x672 mp4 with a scene cut every 250 frames), at real step counts
+(--steps 50, --inversion-steps 100), and times every node: load, read+encode, keyframes, inversion, sampling,
+decode+write. Its table gives each stage's cost per frame (per frame and step for inversion and sampling) and
+projects the wall time of longer runs (--project) from them.
+
 Run:  python bench/long_edit.py --comfy /tmp/comfyui --frames 1000,10000 --gpu-memory 8,12 --modes floor,adaflow
+      python bench/long_edit.py --e2e --comfy /tmp/comfyui --frames 200,500 --project 1000,10000
 """
 from __future__ import annotations
 
@@ -228,6 +235,125 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+E2E_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "api",
+                            "adaflow_long_video_edit.json")
+# the workflow's node types -> stages; per-frame-per-step stages scale with steps when projecting
+E2E_STAGES = {"CheckpointLoaderSimple": "load", "CLIPTextEncode": "load", "LongEditLoadVideo": "read+encode",
+              "LongEditEncodeVideo": "read+encode", "LongEditAdaFlowKeyframeSelection": "keyframes",
+              "LongEditAdaFlowInvert": "inversion", "LongEditAdaFlowKeyframeEditing": "sampling",
+              "LongEditAdaFlowLatentPropagation": "sampling", "KSamplerAdvanced": "sampling",
+              "LongEditDecodeSaveVideo": "decode+write"}
+E2E_ORDER = ("load", "read+encode", "keyframes", "inversion", "sampling", "decode+write", "other")
+
+
+def e2e_child(args) -> None:
+    """The shipped workflow through the headless runner in this process; wall time of every node (the
+    executor runs them one after another; CUDA is synchronised at each switch)."""
+    import torch
+
+    os.environ["COMFYUI_PATH"] = args.comfy
+    import_pack()
+    import longedit.cli as cli
+
+    nodes: dict[str, float] = {}
+    clock = {"node": None, "t": time.perf_counter()}
+
+    class TimedReporter(cli.Reporter):
+        prompt_of_run: dict = {}
+
+        def event(self, kind, data):
+            TimedReporter.prompt_of_run = self.prompt
+            if kind == "executing" and isinstance(data, dict):
+                gpu("sync")
+                now = time.perf_counter()
+                if clock["node"] is not None:
+                    kind_of = self.prompt[clock["node"]]["class_type"]
+                    nodes[kind_of] = nodes.get(kind_of, 0.0) + now - clock["t"]
+                clock.update(node=data.get("node"), t=now)
+            super().event(kind, data)
+
+    cli.Reporter = TimedReporter
+    folder = os.path.join(args.workdir, "comfy_e2e")
+    for sub in ("output", "input", "user"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    argv = ["run", E2E_WORKFLOW, "--video", args.e2e_child, "--set", f"1.ckpt_name={CKPT}",
+            "--set", f"9.inversion_steps={args.inversion_steps}", "--set", f"9.steps={args.steps}",
+            "--set", f"12.steps={args.steps}", "--set", f"2.width={args.width}",
+            "--set", f"2.height={args.height}", "--", "--output-directory", os.path.join(folder, "output"),
+            "--input-directory", os.path.join(folder, "input"), "--user-directory", os.path.join(folder, "user")]
+    argv += [] if torch.cuda.is_available() else ["--cpu"]
+    gpu("reset")
+    t0 = time.perf_counter()
+    rc = cli.main(argv)
+    gpu("sync")
+    if clock["node"] is not None:  # the last node ends with the run
+        last = TimedReporter.prompt_of_run[clock["node"]]["class_type"]
+        nodes[last] = nodes.get(last, 0.0) + time.perf_counter() - clock["t"]
+    if rc != 0:
+        raise SystemExit(f"the workflow failed (rc {rc})")
+    print("E2E " + json.dumps(dict(nodes=nodes, run_s=time.perf_counter() - t0, gpu_peak=gpu("peak"),
+                                   rss_peak=peak_rss(), torch=torch.__version__)), flush=True)
+
+
+def e2e_run(args, frames: int) -> dict:
+    from peer_adaflow import run_child, write_video_file
+
+    video = os.path.join(args.workdir, f"synthetic_{frames}.mp4")
+    write_video_file(video, frames, args.width, args.height)
+    cmd = [sys.executable, os.path.abspath(__file__), "--e2e-child", video, "--comfy", args.comfy, "--workdir",
+           args.workdir, "--inversion-steps", str(args.inversion_steps), "--steps", str(args.steps)]
+    result = run_child(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), "E2E",
+                       os.path.join(args.workdir, f"e2e_{frames}.log"))
+    return dict(mode="e2e", frames=frames, steps=args.steps, inversion_steps=args.inversion_steps, **result)
+
+
+def e2e_stages(r: dict) -> dict:
+    out = dict.fromkeys(E2E_ORDER, 0.0)
+    for node, s in r["nodes"].items():
+        out[E2E_STAGES.get(node, "other")] += s
+    out["other"] += r["process_s"] - sum(r["nodes"].values())  # interpreter start, imports, ComfyUI start
+    return out
+
+
+def e2e_rates(r: dict) -> dict:
+    """Seconds per frame of each stage, per frame and step for inversion and sampling; load is fixed."""
+    stages = e2e_stages(r)
+    per = {s: v / r["frames"] for s, v in stages.items()}
+    per["inversion"] /= r["inversion_steps"]
+    per["sampling"] /= r["steps"]
+    per["load"] = stages["load"] + stages["other"]
+    per["other"] = 0.0
+    return per
+
+
+def e2e_projection(rate: dict, frames: int, steps: int, inversion_steps: int) -> float:
+    scale = {"inversion": inversion_steps, "sampling": steps}
+    return rate["load"] + sum(v * frames * scale.get(s, 1) for s, v in rate.items() if s != "load")
+
+
+def print_e2e(rows: list[dict], project: list[int], steps: int, inversion_steps: int) -> None:
+    print(f"\nend to end, the shipped adaflow_long_video_edit workflow through the headless runner "
+          f"(seconds per stage)")
+    print("| frames | steps (inversion) | " + " | ".join(E2E_ORDER) + " | total s | s per frame | GPU peak GiB |")
+    print("|---" * (len(E2E_ORDER) + 5) + "|")
+    done = [r for r in rows if r.get("mode") == "e2e" and "error" not in r]
+    for r in sorted(done, key=lambda r: r["frames"]):
+        st = e2e_stages(r)
+        print(f"| {r['frames']:,} | {r['steps']} ({r['inversion_steps']}) | " + " | ".join(f"{st[s]:.1f}" for s in E2E_ORDER)
+              + f" | {r['process_s']:.1f} | {r['process_s'] / r['frames']:.3f} | {r['gpu_peak'] / 2**30:.2f} |")
+    for r in rows:
+        if r.get("mode") == "e2e" and "error" in r:
+            print(f"| {r['frames']:,} | failed: {r['error']} |")
+    if done and project:
+        base = max(done, key=lambda r: r["frames"])
+        rate = e2e_rates(base)
+        print(f"\nprojected from the {base['frames']:,}-frame run, {steps} steps ({inversion_steps} inversion steps): "
+              + "; ".join(f"{f:,} frames {e2e_projection(rate, f, steps, inversion_steps) / 60:.1f} min" for f in project))
+        print("per frame: " + ", ".join(f"{s} {v * 1000:.2f} ms" + (" per step" if s in ("inversion", "sampling") else "")
+                                        for s, v in rate.items() if s not in ("load", "other"))
+              + f"; fixed {rate['load']:.1f} s")
+
+
 def run(args, frames: int, mode: str, card: float, vram: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(frames), "--mode", mode, "--comfy", args.comfy,
            "--height", str(args.height), "--width", str(args.width), "--workdir", args.workdir,
@@ -325,6 +451,11 @@ def main() -> int:
     ap.add_argument("--report", nargs="*", default=None, help="print the table of rows from these JSON-lines files")
     ap.add_argument("--records-on-disk", action="store_true",
                     help="keep the keyframe records in files (as when RAM is short) to measure RAM without them")
+    ap.add_argument("--e2e", action="store_true", help="the shipped workflow end to end at real step counts")
+    ap.add_argument("--steps", type=int, default=50, help="--e2e: denoising steps")
+    ap.add_argument("--inversion-steps", type=int, default=100, help="--e2e: DDIM inversion steps")
+    ap.add_argument("--project", default="1000,10000", help="--e2e: frame counts to project the wall time to")
+    ap.add_argument("--e2e-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="adaflow", help=argparse.SUPPRESS)
     ap.add_argument("--card", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -333,9 +464,27 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
+    if args.e2e_child:
+        e2e_child(args)
+        return 0
+    project = [int(x) for x in args.project.split(",") if x]
     if args.report is not None:
         rows = [json.loads(line) for path in args.report for line in open(path) if line.strip()]
-        print_table(rows, args.width, args.height)
+        if any(r.get("mode") == "e2e" for r in rows):
+            print_e2e(rows, project, args.steps, args.inversion_steps)
+        rows = [r for r in rows if r.get("mode") != "e2e"]
+        if rows:
+            print_table(rows, args.width, args.height)
+        return 0
+    if args.e2e:
+        rows = []
+        for frames in [int(x) for x in args.frames.split(",")]:
+            print(f"run: end to end, {frames} frames ...", flush=True)
+            rows.append(e2e_run(args, frames))
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+        print_e2e(rows, project, args.steps, args.inversion_steps)
         return 0
     rows = []
     for card in [float(x) for x in args.gpu_memory.split(",")]:
