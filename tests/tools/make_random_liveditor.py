@@ -5,8 +5,9 @@ The layout is Wan's (what ComfyUI's loader detects as a Wan 2.1/2.2 T2V model) p
 attention module, `alpha_1.weight` and `alpha_2.weight` [1, dim] (the authors' attention class also gives them
 to cross-attention; only self-attention's alpha_1 is used). Names and shapes are listed here from the
 authors' model definition, independently of ComfyUI, so ComfyUI loading the file checks that the layouts agree.
-Only values are random: normal(0, 0.02) matrices, ones for norm scales, normal(0, 0.02) biases, gate rows
-normal(0, 2/sqrt(dim)) so the gates are far from 0 (a test must see them). No ComfyUI needed.
+Only values are random: normal(0, 1/fan-in) matrices (so attention, positions and gates visibly change the
+output, as in a trained model), ones for norm scales, normal(0, 0.02) biases, gate rows normal(0, 2/sqrt(dim))
+so the gates are far from 0. No ComfyUI needed.
 
     python tests/tools/make_random_liveditor.py --out /tmp/liveditor_tiny.safetensors            # reduced
     python tests/tools/make_random_liveditor.py --size 14B --out ...                              # 57 GB fp32
@@ -14,6 +15,7 @@ normal(0, 2/sqrt(dim)) so the gates are far from 0 (a test must see them). No Co
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -60,9 +62,14 @@ def random_value(name: str, shape: tuple, dim: int, generator: torch.Generator, 
                  dtype=torch.float32) -> torch.Tensor:
     if "norm" in name and name.endswith("weight"):
         return torch.ones(shape, dtype=dtype, device=device)
-    std = 2.0 / dim ** 0.5 if ".alpha_" in name else 0.02
-    if name.endswith("modulation"):
+    if ".alpha_" in name:
+        std = 2.0 / dim ** 0.5
+    elif name.endswith("modulation"):
         std = dim ** -0.5  # as the authors initialise it
+    elif len(shape) >= 2:  # matrices and convolutions: 1/sqrt(fan-in) keeps activations O(1) through the blocks
+        std = 1.0 / math.prod(shape[1:]) ** 0.5
+    else:
+        std = 0.02
     return (torch.randn(shape, generator=generator, device=device) * std).to(dtype)
 
 
