@@ -32,6 +32,7 @@ from ..core.isa.liveditor import (TRAINED_CLIP_LATENT_FRAMES, LiveditorWeights, 
                                   check_matches_model, check_source, denoise_in_windows, gate_values, liveditor_keys,
                                   modulated_input, pad_frames, sequence_position_ids, wan_frame_count,
                                   weights_from_tensors)
+from .comfy_glue import LongVideoType
 
 WRAPPER_KEY = "longedit_liveditor"
 STATE_KEY = "longedit_liveditor"
@@ -261,34 +262,37 @@ class PadFramesForWan(io.ComfyNode):
             display_name="Pad Frames for Wan VAE",
             category="LongEdit/liveditor",
             description="The Wan VAE keeps 4k+1 frames and drops the rest: this repeats the last frame up to the "
-                        "next 4k+1 and outputs the original count for Trim Frames after decoding.",
+                        "next 4k+1. Trim Frames to Video cuts the decoded frames back to the source's count.",
             inputs=[io.Image.Input("images", tooltip="The video frames (e.g. Load Video's images).")],
-            outputs=[io.Image.Output(display_name="images", tooltip="The frames, padded to 4k+1."),
-                     io.Int.Output(display_name="frame_count", tooltip="The frame count before padding.")],
+            outputs=[io.Image.Output(display_name="images", tooltip="The frames, padded to 4k+1.")],
         )
 
     @classmethod
     def execute(cls, images) -> io.NodeOutput:
-        return io.NodeOutput(pad_frames(images, wan_frame_count(images.shape[0])), images.shape[0])
+        return io.NodeOutput(pad_frames(images, wan_frame_count(images.shape[0])))
 
 
-class TrimFrames(io.ComfyNode):
+class TrimFramesToVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="LongEditTrimFrames",
-            display_name="Trim Frames",
+            node_id="LongEditTrimFramesToVideo",
+            display_name="Trim Frames to Video",
             category="LongEdit/liveditor",
-            description="Keeps the first frame_count frames (undoes Pad Frames for Wan VAE after VAE Decode).",
-            inputs=[io.Image.Input("images", tooltip="Decoded frames."),
-                    io.Int.Input("frame_count", default=1, min=1, max=10_000_000,
-                                 tooltip="Frames to keep: Pad Frames for Wan VAE's frame_count output.")],
-            outputs=[io.Image.Output(display_name="images", tooltip="The first frame_count frames, in order.")],
+            description="Keeps the first frames, as many as the source video selection has (undoes Pad Frames "
+                        "for Wan VAE after VAE Decode), so Save Video gets the source's frame count and audio.",
+            inputs=[io.Image.Input("images", tooltip="Decoded frames (at least as many as the video's)."),
+                    LongVideoType.Input("video", tooltip="The source handle from Load Video (LongEdit).")],
+            outputs=[io.Image.Output(display_name="images", tooltip="The first frames, in order.")],
         )
 
     @classmethod
-    def execute(cls, images, frame_count) -> io.NodeOutput:
-        if images.shape[0] < frame_count:
-            raise LongEditError(f"Only {images.shape[0]} frames arrived, fewer than frame_count ({frame_count}).",
-                                "connect Pad Frames for Wan VAE's frame_count and the frames decoded from it.")
-        return io.NodeOutput(images[:frame_count])
+    def execute(cls, images, video) -> io.NodeOutput:
+        return io.NodeOutput(trim_frames(images, video.frame_count))
+
+
+def trim_frames(images: torch.Tensor, frame_count: int) -> torch.Tensor:
+    if images.shape[0] < frame_count:
+        raise LongEditError(f"Only {images.shape[0]} frames arrived, fewer than the video's {frame_count}.",
+                            "decode the latent made from Pad Frames for Wan VAE's output of the same video.")
+    return images[:frame_count]
