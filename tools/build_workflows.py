@@ -297,7 +297,7 @@ Sampler settings are the authors': 32 steps, cfg 2.5, uni_pc, shift 6. **Pad Fra
 **Trim Frames to Video** keep the frame count (the Wan VAE keeps 4k+1 frames); Save Video copies the
 source's audio.
 
-{{RUNNER_NOTE.format(command='liveditor_video_edit --prompt "..." --video clip.mp4')}}"""
+{RUNNER_NOTE.format(command='liveditor_video_edit --video my.mp4 --prompt "..."')}"""
 
 
 def liveditor() -> list[dict]:

@@ -122,6 +122,17 @@ def test_window_blend_keeps_order_and_reaches_every_frame():
     assert torch.allclose(per_window[0, 0, :, 0, 0], expected)
 
 
+def test_overlap_weights_ramp_linearly_by_hand():
+    """12 frames, clips of 7 overlapping by 2: windows 0-6 and 5-11; in frames 5 and 6 the first clip fades
+    2/3 -> 1/3 and the second 1/3 -> 2/3 (ramps (i + 1) / (overlap + 1)), elsewhere each clip alone."""
+    windows = lv.clip_windows(12, 7, 2)
+    assert windows == [(0, 7), (5, 12)]
+    first, second = lv.window_weights(windows, 12)
+    third = 1 / 3
+    assert torch.allclose(first, torch.tensor([1, 1, 1, 1, 1, 2 * third, third], dtype=F64))
+    assert torch.allclose(second, torch.tensor([third, 2 * third, 1, 1, 1, 1, 1], dtype=F64))
+
+
 def test_bad_window_settings_are_explained():
     with pytest.raises(LongEditError, match="overlap"):
         lv.clip_windows(40, 21, 21)
