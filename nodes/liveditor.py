@@ -86,13 +86,13 @@ class LiveditorPatch:
 
     # -- DIFFUSION_MODEL wrapper: clips of a long latent, and the per-call state
     def diffusion_model(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None,
-                        transformer_options={}, **kwargs):
+                        transformer_options=None, **kwargs):
         check_source(tuple(x.shape), None if time_dim_concat is None else tuple(time_dim_concat.shape))
         model = executor.class_obj
 
         def predict(start: int, end: int) -> torch.Tensor:
             target, source = x[:, :, start:end], time_dim_concat[:, :, start:end].to(x)
-            options = dict(transformer_options)
+            options = dict(transformer_options or {})
             options[STATE_KEY] = self.call_state(model, target, source)
             self.counts["calls"] += 1
             return executor(target, timestep, context, clip_fea, source, options, **kwargs)

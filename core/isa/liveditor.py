@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -64,7 +64,7 @@ class LiveditorWeights:
     def layers(self) -> int:
         return self.gates.shape[0]
 
-    def to(self, device, dtype) -> "LiveditorWeights":
+    def to(self, device, dtype) -> LiveditorWeights:
         return LiveditorWeights(*(t.to(device=device, dtype=dtype) for t in
                                   (self.source_weight, self.source_bias, self.gates)))
 
