@@ -166,37 +166,43 @@ def _repeat_tokens(e: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def gate_values(attention_input: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
-    """g = (sigmoid(x · w) − 0.5) · 0.5 for x [B, N, dim] and w [dim] -> [B, N] in float32 (in (−0.25, 0.25))."""
-    logits = attention_input.float() @ gate_weight.float().reshape(-1)
+    """g = (sigmoid(x · w) − 0.5) · 0.5 for x [B, N, dim] and w [dim] -> [B, N] in float32 (in (−0.25, 0.25)).
+    The dot product runs in x's dtype (float32 accumulation), as the authors' bf16 Linear does."""
+    logits = (attention_input @ gate_weight.to(attention_input.dtype).reshape(-1)).float()
     return (torch.sigmoid(logits) - 0.5) * 0.5
 
 
 def block_means(x: torch.Tensor, block: int = GATE_BLOCK) -> torch.Tensor:
-    """[B, H, N, d] -> float32 [B, H, ceil(N / block), d]: mean of each block of tokens (the last may be partial)."""
+    """[B, H, N, d] -> float32 [B, H, ceil(N / block), d]: mean of each block of tokens (the last may be partial).
+    Sums accumulate in float32 without a float32 copy of x."""
     b, h, n, d = x.shape
-    blocks = math.ceil(n / block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block - n))
-    sums = padded.view(b, h, blocks, block, d).sum(dim=3)
-    counts = torch.full((blocks,), float(block), device=x.device)
-    counts[-1] = n - (blocks - 1) * block
-    return sums / counts[:, None]
+    full = n // block
+    parts = [x[:, :, :full * block].reshape(b, h, full, block, d).sum(3, dtype=torch.float32) / block]
+    if n > full * block:
+        parts.append(x[:, :, full * block:].sum(2, keepdim=True, dtype=torch.float32) / (n - full * block))
+    return torch.cat(parts, dim=2)
+
+
+def pooled_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            block: int = GATE_BLOCK) -> torch.Tensor:
+    """softmax(q̄ k̄ᵀ / √d) v̄ over the blocks of the whole sequence: [B, H, N, d] -> float32 [B, H, nb, d].
+    O(N·d + (N/block)²·d) work: 0.5 GFLOP per head at 85,680 tokens."""
+    pq, pk, pv = (block_means(t, block) for t in (q, k, v))
+    weights = torch.softmax(pq @ pk.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return weights @ pv
 
 
 def pooled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = GATE_BLOCK) -> torch.Tensor:
-    """softmax(q̄ k̄ᵀ / √d) v̄ over blocks of the whole sequence, each block's row copied to its tokens:
-    [B, H, N, d] -> [B, H, N, d] float32. O(N·d + (N/block)²) work."""
-    n, d = q.shape[2], q.shape[3]
-    pq, pk, pv = (block_means(t, block) for t in (q, k, v))
-    weights = torch.softmax(pq @ pk.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    per_block = weights @ pv
-    return per_block.repeat_interleave(block, dim=2)[:, :, :n]
+    """`pooled_attention_blocks` with each block's row copied to its tokens: [B, H, N, d] float32."""
+    return pooled_attention_blocks(q, k, v, block).repeat_interleave(block, dim=2)[:, :, :q.shape[2]]
 
 
 def add_gated_pooled(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      gate: torch.Tensor) -> torch.Tensor:
-    """out + g ⊙ pooled(q, k, v) for out, q, k, v [B, H, N, d] and g [B, N] (one value per token, all heads)."""
-    pooled = pooled_attention(q, k, v)
-    return (out.float() + gate[:, None, :, None].to(pooled) * pooled).to(out.dtype)
+    """out + g ⊙ pooled(q, k, v) for out, q, k, v [B, H, N, d] and g [B, N] (one value per token, all heads),
+    added in out's dtype (the authors add in bf16 too); the pooled rows are computed in float32."""
+    per_token = pooled_attention_blocks(q, k, v).to(out.dtype).repeat_interleave(GATE_BLOCK, dim=2)
+    return torch.addcmul(out, gate[:, None, :, None].to(out.dtype), per_token[:, :, :out.shape[2]])
 
 
 # ----------------------------------------------------------------------------------------- long-video windows
