@@ -272,11 +272,77 @@ def isa_wan() -> list[dict]:
     ]
 
 
+LIVEDITOR_FILE = "liveditor_14b.safetensors"  # LIVEditor-14B (model hub: sst12345/liveditor) as safetensors
+WAN_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # Wan's default negative prompt
+LIVEDITOR_NOTE = f"""## LIVEditor: edit a video from a prompt (in-context, Wan 14B)
+
+LIVEditor-14B, the editor of the ISA paper: the model sees [edited video | source video] as one sequence.
+
+**Models**
+- `models/diffusion_models/{LIVEDITOR_FILE}`: LIVEditor-14B (model hub `sst12345/liveditor`), loaded by
+  **Load Diffusion Model** and read again by **LIVEditor** for its extra weights (gates, source embedding)
+- `models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors`, `models/vae/wan_2.1_vae.safetensors`
+
+**Change first**
+1. **Load Video**: your video; 960x544 (16:9) as trained. Any length: longer than 81 frames is edited
+   as overlapping clips of 81 frames (LIVEditor `clip_frames` 21 latent frames, `overlap` 5), blended at
+   every step so no seam shows.
+2. **Prompt**: the edit, e.g. "turn the car red".
+3. **ISA Sparse Attention** (context `second half` = the source video) makes self-attention sparse;
+   `alpha_f` = `alpha_s` = 1 is exact. It must come before LIVEditor.
+
+Sampler settings are the authors': 32 steps, cfg 2.5, uni_pc, shift 6. **Pad Frames for Wan VAE** and
+**Trim Frames to Video** keep the frame count (the Wan VAE keeps 4k+1 frames); Save Video copies the
+source's audio.
+
+{RUNNER_NOTE.format(command='liveditor_video_edit --video my.mp4 --prompt "..."')}"""
+
+
+def liveditor() -> list[dict]:
+    x = [480, 800, 1240, 1580, 1900]
+    return [
+        note(20, [0, 0], [440, 640], LIVEDITOR_NOTE, "Read me"),
+        node(1, "UNETLoader", [x[0], 0], {"unet_name": LIVEDITOR_FILE, "weight_dtype": "default"},
+             size=[290, 82], models=[(LIVEDITOR_FILE, "diffusion_models")]),
+        node(2, "CLIPLoader", [x[0], 130], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                            "device": "default"},
+             size=[290, 106], models=[("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders")]),
+        node(3, "VAELoader", [x[0], 290], {"vae_name": "wan_2.1_vae.safetensors"}, size=[290, 58],
+             models=[("wan_2.1_vae.safetensors", "vae")]),
+        node(5, "LongEditLoadVideo", [x[0], 390], {"video": SAMPLE_VIDEO, "width": 960, "height": 544,
+                                                    "size_multiple": "16", "image_frame_cap": 2000},
+             size=[290, 470]),
+        node(4, "LongEditIsaSparseAttention", [x[1], 0], {"context": "second half"}, {"model": (1, 0)},
+             size=[300, 274]),
+        node(15, "ModelSamplingSD3", [x[1], 320], {"shift": 6.0}, {"model": (4, 0)}, size=[300, 58]),
+        node(8, "CLIPTextEncode", [x[1], 420], {"text": "turn it into a watercolor painting, soft pastel colors"},
+             {"clip": (2, 0)}, title="Prompt", size=[400, 150]),
+        node(9, "CLIPTextEncode", [x[1], 610], {"text": WAN_NEGATIVE}, {"clip": (2, 0)}, title="Negative prompt",
+             size=[400, 150]),
+        node(6, "LongEditPadFramesForWan", [x[1], 800], links={"images": (5, 1)}, size=[300, 66]),
+        node(7, "VAEEncode", [x[1], 910], links={"pixels": (6, 0), "vae": (3, 0)}, size=[200, 46]),
+        node(10, "LongEditLiveditor", [x[2], 0], {"liveditor_name": LIVEDITOR_FILE},
+             {"model": (15, 0), "positive": (8, 0), "negative": (9, 0), "source": (7, 0)}, size=[320, 190]),
+        node(11, "KSampler", [x[2], 240], {"seed": 0, "control_after_generate": "fixed", "steps": 32, "cfg": 2.5,
+                                          "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0},
+             {"model": (10, 0), "positive": (10, 1), "negative": (10, 2), "latent_image": (10, 3)},
+             size=[300, 262]),
+        node(12, "VAEDecode", [x[3], 0], links={"samples": (11, 0), "vae": (3, 0)}, size=[200, 46]),
+        node(13, "LongEditTrimFramesToVideo", [x[3], 100], links={"images": (12, 0), "video": (5, 0)},
+             size=[250, 66]),
+        node(14, "LongEditSaveVideo", [x[4], 0], {"filename_prefix": "LongEdit/liveditor"},
+             {"images": (13, 0), "video": (5, 0)}, size=[400, 420]),
+    ]
+
+
 GRAPHS = {
     "adaflow_long_video_edit": long_video,
     "adaflow_short_clip_edit": short_clip,
     "adaflow_keyframe_preview": keyframe_preview,
     "isa_wan_video": isa_wan,
+    "liveditor_video_edit": liveditor,
 }
 
 

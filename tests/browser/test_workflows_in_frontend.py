@@ -41,6 +41,10 @@ STAND_INS = [
     ("unet_name", r"wan", "random_wan21_1.3B.safetensors", "diffusion_models", "tests/tools/make_random_wan.py"),
     ("clip_name", r"umt5", UMT5_STAND_IN, "text_encoders", "tests/tools/make_random_wan_text.py"),
     ("vae_name", r"wan", "random_wan21_vae.safetensors", "vae", "tests/tools/make_random_wan_text.py"),
+    ("unet_name", r"liveditor", "random_liveditor_tiny.safetensors", "diffusion_models",
+     "tests/tools/make_random_liveditor.py --out <models>/diffusion_models/random_liveditor_tiny.safetensors"),
+    ("liveditor_name", r"liveditor", "random_liveditor_tiny.safetensors", "diffusion_models",
+     "tests/tools/make_random_liveditor.py --out <models>/diffusion_models/random_liveditor_tiny.safetensors"),
 ]
 
 

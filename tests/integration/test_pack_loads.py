@@ -9,6 +9,9 @@ OUR_NODES = {
     "LongEditAdaFlowKeyframeEditing": "AdaFlow Keyframe Editing",
     "LongEditAdaFlowLatentPropagation": "AdaFlow Latent Propagation",
     "LongEditIsaSparseAttention": "ISA Sparse Attention",
+    "LongEditLiveditor": "LIVEditor (in-context video edit)",
+    "LongEditPadFramesForWan": "Pad Frames for Wan VAE",
+    "LongEditTrimFramesToVideo": "Trim Frames to Video",
 }
 
 

@@ -3,7 +3,8 @@
 They must name only nodes this ComfyUI has, hold valid values in the frontend's widget order, describe the same
 graph in both formats, be what tools/build_workflows.py generates, be listed and served as the pack's
 templates, and run: the three AdaFlow graphs on the random SD2.1 checkpoint, the Wan graph on a random
-Wan2.1-1.3B with a random umt5-xxl (fp8, 5.7 GB) and Wan VAE written by tests/tools when missing.
+Wan2.1-1.3B with a random umt5-xxl (fp8, 5.7 GB) and Wan VAE written by tests/tools when missing (the
+LIVEditor graph's run is in test_liveditor.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from longedit.cli.workflows import SAMPLE_VIDEO, write_sample
 from longedit.core.video.source import probe_video
 
 WORKFLOWS = REPO / "workflows"
-NAMES = ["adaflow_keyframe_preview", "adaflow_long_video_edit", "adaflow_short_clip_edit", "isa_wan_video"]
+NAMES = ["adaflow_keyframe_preview", "adaflow_long_video_edit", "adaflow_short_clip_edit", "isa_wan_video",
+         "liveditor_video_edit"]
 FRAMES, WIDTH, HEIGHT, STEPS = 12, 112, 64, 2  # tiny: the CPU runs every UNet call of the edit
 WAN = "random_wan21_1.3B.safetensors"
 UMT5 = "random_umt5_xxl_fp8_e4m3fn.safetensors"
@@ -44,7 +46,7 @@ def object_info(comfy) -> dict:
     return comfy.get("/object_info")
 
 
-def test_the_four_workflows_and_their_twins_are_shipped():
+def test_the_five_workflows_and_their_twins_are_shipped():
     assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == NAMES
     assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == NAMES
 
