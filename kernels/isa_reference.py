@@ -13,16 +13,17 @@ The token axis holds "source" tokens and one contiguous range [ctx_start, ctx_en
 2. Pooling. q̄, k̄, v̄ [B, H, nb, d]: the mean of each block's tokens (true count for partial blocks).
 3. Coarse scores. S̄ = q̄ k̄ᵀ / sqrt(d), [B, H, nb, nb].
 4. Context pre-selection. Source KV blocks are always kept. Of the context KV blocks, ceil(alpha_s *
-   n_ctx_blocks) are kept: the most salient by the mean of S̄[i, j] over the source query blocks i (over all
-   query blocks if there are none), except that the context segment's partial tail block (fewer than
+   n_ctx_blocks) are kept: the most salient (`context_saliency`: by default "softmax_mass", the pooled
+   attention mass sum_i softmax_j'(S̄[i, j'] + ln b_j')[j] over the source query blocks i; or "logit_mean",
+   the mean of S̄[i, j]), except that the context segment's partial tail block (fewer than
    `block_size` tokens; there is at most one) is always among them when any are kept. That way every head
    keeps the same number of tokens, which lets the exact path run as one dense attention call over gathered
    tokens (`isa_split.py`); the tail is one block of fewer than b tokens. The kept set is per (batch, head).
 5. Query sharpness. For each query block i, p = softmax_j(S̄[i, j] + ln b_j) over the kept blocks j
    (b_j = tokens in block j: the pooled estimate of block j's attention mass, as in step 6), and
-   sharpness_i = Var(p) = (1/n) * sum_j (p_j - 1/n)^2 with n = number of kept blocks. The top
-   ceil(alpha_f * nb) query blocks by sharpness ("sharp" blocks) take exact attention over every token
-   of the kept blocks.
+   sharpness_i = Var(p) = (1/n) * sum_j (p_j - 1/n)^2 with n = number of kept blocks (`query_sharpness`;
+   or "topk_mass", the sum of the n_near largest p_j). The top ceil(alpha_f * nb) query blocks by
+   sharpness ("sharp" blocks) take exact attention over every token of the kept blocks.
 6. 0-th order Taylor path for the other ("Taylor") query blocks. Each query token attends exactly to the
    tokens of that block's top max(1, ceil(alpha_ns * n)) kept blocks (ranked by S̄[i, j]; its "near"
    blocks) and, for every other kept block j, to one pseudo-token with logit q·k̄_j / sqrt(d) + ln b_j and
@@ -45,6 +46,13 @@ DEFAULT_BLOCK_SIZE = 64
 DEFAULT_ALPHA_S = 0.125  # share of context KV blocks kept by pre-selection
 DEFAULT_ALPHA_F = 0.5  # share of query blocks that take exact ("full") attention
 DEFAULT_ALPHA_NS = 0.0625  # share of kept KV blocks a Taylor query block still attends to exactly
+# How context blocks are ranked for pre-selection (step 4) and query blocks for exact attention (step 5).
+# "logit_mean" / "variance" are the paper's rules as first implemented here; "softmax_mass" / "topk_mass" are
+# the rules of the authors' code (see `context_saliency`, `query_sharpness`). bench/isa_rules.py measures them.
+SALIENCY_RULES = ("logit_mean", "softmax_mass")
+SHARPNESS_RULES = ("variance", "topk_mass")
+DEFAULT_SALIENCY = "softmax_mass"  # bench/isa_rules.py: lower error on Gaussian and mixture inputs, equal on structured
+DEFAULT_SHARPNESS = "topk_mass"  # bench/isa_rules.py: lowest error on mixture inputs, tied elsewhere
 
 
 @dataclass(frozen=True)
@@ -173,17 +181,33 @@ def coarse_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> torch.Tenso
     return pooled_q.float() @ pooled_k.float().transpose(-1, -2) / math.sqrt(pooled_q.shape[-1])
 
 
-def context_saliency(pooled_q: torch.Tensor, pooled_k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """Saliency of each context KV block: the mean coarse score S̄[i, j] over the source query blocks i (over
-    all query blocks if there are none), float32 [B, H, n_ctx_blocks].
+def context_saliency(pooled_q: torch.Tensor, pooled_k: torch.Tensor, layout: BlockLayout,
+                     rule: str = DEFAULT_SALIENCY) -> torch.Tensor:
+    """Saliency of each context KV block j, [B, H, n_ctx_blocks], in the pooled tensors' dtype (float32 from
+    `pool_blocks`; float64 inputs stay float64), over the source query blocks i (all query blocks if there
+    are none):
 
-    The mean of q̄_i·k̄_j over i is (mean of q̄_i)·k̄_j, so this costs one matrix-vector product per head
-    instead of the [nb, nb] score matrix."""
+    * "logit_mean": the mean coarse score S̄[i, j]. The mean of q̄_i·k̄_j over i is (mean of q̄_i)·k̄_j, so
+      this costs one matrix-vector product per head instead of the [nb, nb] score matrix.
+    * "softmax_mass": sum over i of P[i, j], P[i] = softmax over ALL blocks j' of S̄[i, j'] + ln b_j': the
+      pooled estimate of the attention mass the source queries put on block j (the authors' code ranks by
+      the block-softmax probability summed over target queries, without the ln b_j' of partial blocks)."""
     first, end = layout.context_blocks
     nb = layout.n_blocks
     pieces = [pooled_q[:, :, :first], pooled_q[:, :, end:]] if end - first < nb else [pooled_q]
-    mean_q = torch.cat(pieces, dim=2).float().mean(dim=2, keepdim=True)  # [B, H, 1, d]
-    return coarse_scores(mean_q, pooled_k[:, :, first:end]).squeeze(2)
+    source_q = torch.cat(pieces, dim=2)
+    if rule == "logit_mean":
+        return _scores(source_q.mean(dim=2, keepdim=True), pooled_k[:, :, first:end]).squeeze(2)
+    if rule == "softmax_mass":
+        log_counts = layout.count.to(pooled_k.dtype).log()
+        mass = (_scores(source_q, pooled_k) + log_counts).softmax(dim=-1)  # [B, H, n_src, nb]
+        return mass[..., first:end].sum(dim=2)
+    raise ValueError(f"ISA: unknown saliency rule '{rule}', expected one of {SALIENCY_RULES}")
+
+
+def _scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> torch.Tensor:
+    """q̄ k̄ᵀ / sqrt(d) in the inputs' dtype (`coarse_scores` always computes in float32)."""
+    return pooled_q @ pooled_k.transpose(-1, -2) / math.sqrt(pooled_q.shape[-1])
 
 
 def kept_context_counts(layout: BlockLayout, alpha_s: float) -> tuple[int, bool]:
@@ -233,17 +257,25 @@ def gather_blocks(per_block: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor
     return per_block.gather(2, blocks.unsqueeze(-1).expand(-1, -1, -1, per_block.shape[-1]))
 
 
-def query_sharpness(kept_scores: torch.Tensor, kept_log_counts: torch.Tensor) -> torch.Tensor:
-    """Var(p) for p = softmax over kept blocks j of S̄[i, j] + ln b_j: float32 [B, H, nb_q].
+def query_sharpness(kept_scores: torch.Tensor, kept_log_counts: torch.Tensor, rule: str = DEFAULT_SHARPNESS,
+                    top: int = 1) -> torch.Tensor:
+    """Sharpness of each query block from p = softmax over kept blocks j of S̄[i, j] + ln b_j, [B, H, nb_q] in
+    kept_scores' dtype. kept_scores [B, H, nb_q, n_kept] are the coarse scores of the kept blocks,
+    kept_log_counts [B, H, n_kept] their ln b_j.
 
-    kept_scores [B, H, nb_q, n_kept] are the coarse scores of the kept blocks, kept_log_counts [B, H, n_kept]
-    their ln b_j. Var(p) = (1/n) * sum_j (p_j - 1/n)^2 (the mean of p is exactly 1/n). High variance means
-    a peaked block distribution, which the 0-th order Taylor path approximates worst, so those blocks go
-    exact."""
+    * "variance": Var(p) = (1/n) * sum_j (p_j - 1/n)^2 (the mean of p is exactly 1/n). High variance means
+      a peaked block distribution, which the 0-th order Taylor path approximates worst, so those blocks go
+      exact.
+    * "topk_mass": the sum of the `top` largest p_j (the authors' code sums the top-k block probabilities
+      over the target key blocks, k = 1/16 of them; here the kept blocks, k given by the caller)."""
     p = (kept_scores + kept_log_counts.unsqueeze(2)).softmax(dim=-1)
     n = p.shape[-1]
-    # (1/n) * sum_j (p_j - 1/n)^2 = (sum_j p_j^2 - 1/n) / n, since sum_j p_j = 1: one pass over p, not four
-    return (torch.linalg.vector_norm(p, dim=-1).square() - 1.0 / n) / n
+    if rule == "variance":
+        # (1/n) * sum_j (p_j - 1/n)^2 = (sum_j p_j^2 - 1/n) / n, since sum_j p_j = 1: one pass over p, not four
+        return (torch.linalg.vector_norm(p, dim=-1).square() - 1.0 / n) / n
+    if rule == "topk_mass":
+        return p.topk(min(max(1, top), n), dim=-1, sorted=False).values.sum(dim=-1)
+    raise ValueError(f"ISA: unknown sharpness rule '{rule}', expected one of {SHARPNESS_RULES}")
 
 
 def select_exact_queries(sharpness: torch.Tensor, alpha_f: float) -> torch.Tensor:
@@ -272,28 +304,35 @@ def split_queries(exact_query: torch.Tensor, n_sharp: int | None = None) -> tupl
 def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
              block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
              alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS,
-             exact_query: torch.Tensor | None = None, pooled: tuple | None = None) -> IsaPlan:
+             exact_query: torch.Tensor | None = None, pooled: tuple | None = None,
+             saliency: str = DEFAULT_SALIENCY, sharpness: str = DEFAULT_SHARPNESS) -> IsaPlan:
     """Everything before attention (steps 1-5 and the near blocks of step 6), computed once in torch.
 
     exact_query (bool [B, H, nb], optional) overrides the sharpness routing; tests use it to compare
     routings on one input. pooled: (q̄, k̄, v̄) already computed by a twin of `pool_blocks` (the Triton one
-    on CUDA)."""
+    on CUDA). saliency, sharpness: the ranking rules of steps 4 and 5 (`context_saliency`,
+    `query_sharpness`; "topk_mass" sums the top n_near block probabilities, n_near as in step 6)."""
     check_qkv(q, k, v)
+    if saliency not in SALIENCY_RULES or sharpness not in SHARPNESS_RULES:
+        raise ValueError(f"ISA: unknown ranking rule (saliency '{saliency}', sharpness '{sharpness}'); expected "
+                         f"saliency in {SALIENCY_RULES} and sharpness in {SHARPNESS_RULES}")
     for name, ratio in (("alpha_s", alpha_s), ("alpha_f", alpha_f), ("alpha_ns", alpha_ns)):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ISA: {name} must lie in [0, 1], got {ratio}")
     layout = block_layout(q.shape[2], ctx_start, ctx_end, block_size, device=q.device)
     pooled_q, pooled_k, pooled_v = pooled or (pool_blocks(x, layout) for x in (q, k, v))
-    kept = select_kv_blocks(context_saliency(pooled_q, pooled_k, layout), layout, alpha_s)
+    pooled_q, pooled_k, pooled_v = (x.float() for x in (pooled_q, pooled_k, pooled_v))
+    kept = select_kv_blocks(context_saliency(pooled_q, pooled_k, layout, saliency), layout, alpha_s)
     kept_k = gather_blocks(pooled_k, kept)
     kept_scores = coarse_scores(pooled_q, kept_k)  # [B, H, nb, n_kept]
-    n_sharp = None  # a routing given by the caller is checked
-    if exact_query is None:
-        exact_query = select_exact_queries(query_sharpness(kept_scores, layout.count.float().log()[kept]), alpha_f)
-        n_sharp = count_for_ratio(alpha_f, layout.n_blocks)
-    sharp, taylor = split_queries(exact_query, n_sharp)
     n_kept = kept.shape[-1]
     n_near = min(n_kept, max(1, count_for_ratio(alpha_ns, n_kept)))
+    n_sharp = None  # a routing given by the caller is checked
+    if exact_query is None:
+        block_sharpness = query_sharpness(kept_scores, layout.count.float().log()[kept], sharpness, top=n_near)
+        exact_query = select_exact_queries(block_sharpness, alpha_f)
+        n_sharp = count_for_ratio(alpha_f, layout.n_blocks)
+    sharp, taylor = split_queries(exact_query, n_sharp)
     taylor_scores = coarse_scores(gather_blocks(pooled_q, taylor), kept_k)  # [B, H, n_taylor, n_kept]
     return IsaPlan(layout=layout, pooled_k=pooled_k, pooled_v=pooled_v, kept_blocks=kept,
                    exact_query=exact_query, sharp_blocks=sharp, taylor_blocks=taylor,
@@ -361,8 +400,9 @@ def isa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
 def isa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
                   block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
-                  alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS) -> torch.Tensor:
+                  alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS,
+                  saliency: str = DEFAULT_SALIENCY, sharpness: str = DEFAULT_SHARPNESS) -> torch.Tensor:
     """Plan and run ISA in plain torch: q, k, v [B, H, N, d] -> [B, H, N, d] in q's dtype."""
     plan = plan_isa(q, k, v, ctx_start, ctx_end, block_size=block_size, alpha_s=alpha_s, alpha_f=alpha_f,
-                    alpha_ns=alpha_ns)
+                    alpha_ns=alpha_ns, saliency=saliency, sharpness=sharpness)
     return isa_attention_reference(q, k, v, plan)

@@ -159,6 +159,101 @@ def test_exact_query_blocks_are_the_sharpest():
         assert sharpness[exact].min() >= sharpness[~exact].max()
 
 
+# ---------------------------------------------------------------- ranking rules (the authors' and ours)
+
+def saliency_transcription(pooled_q, pooled_k, counts, is_context, rule):
+    """Context-block saliency in float64, one (batch, head) and one block at a time: the definitions written
+    out with Python loops, independent of the tensor code."""
+    d = pooled_q.shape[-1]
+    ctx = [j for j, flag in enumerate(is_context) if flag]
+    src = [i for i, flag in enumerate(is_context) if not flag] or list(range(len(is_context)))
+    score = lambda i, j: float(pooled_q[i] @ pooled_k[j]) / math.sqrt(d)  # noqa: E731
+    if rule == "logit_mean":
+        return [sum(score(i, j) for i in src) / len(src) for j in ctx]
+    mass = [0.0] * len(ctx)
+    for i in src:
+        weights = [math.exp(score(i, j) + math.log(counts[j])) for j in range(len(is_context))]
+        for slot, j in enumerate(ctx):
+            mass[slot] += weights[j] / sum(weights)
+    return mass
+
+
+def sharpness_transcription(scores, log_counts, rule, top):
+    """Query-block sharpness in float64 from one query block's kept-block scores (Python lists)."""
+    weights = [math.exp(s + c) for s, c in zip(scores, log_counts)]
+    p = [w / sum(weights) for w in weights]
+    if rule == "variance":
+        return sum((x - 1 / len(p)) ** 2 for x in p) / len(p)
+    return sum(sorted(p, reverse=True)[:top])
+
+
+@pytest.mark.parametrize("rule", ["logit_mean", "softmax_mass"])
+@pytest.mark.parametrize("n, ctx, size", [(333, (117, 333), 16), (200, (0, 200), 16), (157, (60, 140), 16)])
+def test_context_saliency_rules_match_a_float64_transcription(rule, n, ctx, size):
+    """Partial blocks on both sides of the context (the ln b_j of softmax_mass uses the true counts), a
+    context range in the middle, and a sequence of context only (every block is a query block then)."""
+    from longedit.kernels.isa_reference import context_saliency
+
+    q, k, _ = (x.double() for x in structured_qkv(2, 3, n, 24, size, seed=n + size))
+    layout = block_layout(n, *ctx, size)
+    pooled_q, pooled_k = pool_blocks(q, layout).double(), pool_blocks(k, layout).double()
+    saliency = context_saliency(pooled_q, pooled_k, layout, rule)
+    assert saliency.dtype == torch.float64
+    for b, h in ((0, 0), (1, 2), (0, 1)):
+        expected = saliency_transcription(pooled_q[b, h], pooled_k[b, h], layout.count.tolist(),
+                                          layout.is_context.tolist(), rule)
+        assert torch.allclose(saliency[b, h], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("rule, top", [("variance", 1), ("topk_mass", 1), ("topk_mass", 3), ("topk_mass", 50)])
+def test_query_sharpness_rules_match_a_float64_transcription(rule, top):
+    from longedit.kernels.isa_reference import query_sharpness
+
+    g = torch.Generator().manual_seed(top)
+    scores = 3 * torch.randn(2, 3, 7, 11, generator=g, dtype=torch.float64)
+    log_counts = torch.tensor([64.0] * 10 + [9.0], dtype=torch.float64).log().expand(2, 3, 11)
+    sharpness = query_sharpness(scores, log_counts, rule, top=top)
+    for b, h, i in ((0, 0, 0), (1, 2, 6), (0, 1, 3), (1, 0, 5)):
+        expected = sharpness_transcription(scores[b, h, i].tolist(), log_counts[b, h].tolist(), rule, min(top, 11))
+        assert math.isclose(sharpness[b, h, i].item(), expected, rel_tol=1e-12, abs_tol=1e-15)
+
+
+@pytest.mark.parametrize("saliency", ["logit_mean", "softmax_mass"])
+@pytest.mark.parametrize("sharpness", ["variance", "topk_mass"])
+def test_plan_follows_each_ranking_rule(saliency, sharpness):
+    """The plan keeps the context blocks its saliency rule ranks highest and sends the query blocks its
+    sharpness rule ranks highest to exact attention (top = n_near for topk_mass), per (batch, head)."""
+    n, ctx, size = 333, (117, 333), 16
+    q, k, v = structured_qkv(2, 3, n, 24, size, seed=21)
+    plan = plan_isa(q, k, v, *ctx, block_size=size, alpha_s=0.3, alpha_f=0.4, alpha_ns=0.2,
+                    saliency=saliency, sharpness=sharpness)
+    layout = plan.layout
+    pooled_q, pooled_k = pool_blocks(q.double(), layout), pool_blocks(k.double(), layout)
+    ctx_ids = layout.is_context.nonzero().flatten().tolist()
+    counts = layout.count.tolist()
+    for b, h in ((0, 0), (1, 1), (1, 2)):
+        ranked = saliency_transcription(pooled_q[b, h], pooled_k[b, h], counts, layout.is_context.tolist(), saliency)
+        kept_ctx = [j for j in plan.kept_blocks[b, h].tolist() if j in ctx_ids and counts[j] == size]
+        full_ctx = [(value, j) for value, j in zip(ranked, ctx_ids) if counts[j] == size]
+        dropped = [value for value, j in full_ctx if j not in kept_ctx]
+        assert min(value for value, j in full_ctx if j in kept_ctx) >= max(dropped)
+        kept = plan.kept_blocks[b, h].tolist()
+        log_counts = [math.log(counts[j]) for j in kept]
+        d = q.shape[-1]
+        values = [sharpness_transcription([float(pooled_q[b, h, i] @ pooled_k[b, h, j]) / math.sqrt(d) for j in kept],
+                                          log_counts, sharpness, plan.n_near) for i in range(layout.n_blocks)]
+        exact = plan.exact_query[b, h].tolist()
+        assert min(x for x, e in zip(values, exact) if e) >= max(x for x, e in zip(values, exact) if not e) - 1e-9
+
+
+def test_unknown_ranking_rules_are_refused():
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="saliency"):
+        plan_isa(q, q, q, 20, 40, block_size=16, saliency="mean")
+    with pytest.raises(ValueError, match="sharpness"):
+        plan_isa(q, q, q, 20, 40, block_size=16, sharpness="entropy")
+
+
 # ---------------------------------------------------------------- reference against exact attention
 
 @pytest.mark.parametrize("n, d, size, ctx", [(200, 64, 16, (100, 200)), (333, 64, 64, (165, 333)),
@@ -321,6 +416,21 @@ def test_triton_matches_reference_in_the_interpreter(batch, n, d, size, ctx, dty
     ref = isa_attention_reference(q, k, v, plan)
     assert out.dtype == dtype and out.shape == q.shape
     assert rel_l2(out, ref) <= (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("saliency, sharpness", [("logit_mean", "variance"), ("softmax_mass", "topk_mass"),
+                                                 ("softmax_mass", "variance")])
+def test_triton_matches_reference_under_each_ranking_rule(saliency, sharpness):
+    """Odd sizes (partial blocks both sides of the context, d 40): the rules change the plan only, and the
+    kernel follows whatever plan it is given."""
+    from longedit.kernels.isa import isa_attention_triton
+
+    q, k, v = structured_qkv(1, 3, 301, 40, 16, seed=31)
+    plan = plan_isa(q, k, v, 109, 301, block_size=16, alpha_s=0.3, alpha_f=0.4, alpha_ns=0.15,
+                    saliency=saliency, sharpness=sharpness)
+    assert plan.sharp_blocks.numel() and plan.taylor_blocks.numel()
+    assert rel_l2(isa_attention_triton(q, k, v, plan), isa_attention_reference(q, k, v, plan)) <= 1e-5
 
 
 @needs_triton
