@@ -28,7 +28,8 @@ FlashAttention (SDPA), theirs, ours}: milliseconds (median of triton.testing.do_
 fastest dense backend timed on the same inputs, relative L2 error against exact float32 attention on 8,192
 evenly spaced query rows (bench/isa_attention.py's helpers). FlashAttention-3 and SageAttention rows are
 added only where `flash_attn_interface` / `sageattention` import on the machine (the script says which).
-A last column gives ours' error under each (saliency, sharpness) rule pair (kernels/isa_reference.py).
+A last column gives ours' error under each (saliency, sharpness) rule pair, and under the other block tiling
+(kernels/isa_reference.py: `context_saliency`, `query_sharpness`, `block_layout`).
 
 Run:  python bench/isa_peer.py [--peer-dir .gpu-18b] [--shapes 12x65520,40x85680,40x151200]      (CUDA)
       TRITON_INTERPRET=1 python bench/isa_peer.py --cpu-smoke                                  (CPU check)
@@ -170,8 +171,9 @@ def main() -> int:
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16  # their kernels keep bf16 buffers (chunk_reduce_1st), on the CPU too
     import_pack()
-    from longedit.kernels import isa_attention, plan_isa_fast
-    from longedit.kernels.isa_reference import SALIENCY_RULES, SHARPNESS_RULES
+    from longedit.kernels import isa_attention
+    from longedit.kernels.isa_reference import (DEFAULT_SALIENCY, DEFAULT_SHARPNESS, DEFAULT_TILING, SALIENCY_RULES,
+                                                SHARPNESS_RULES, TILINGS, plan_isa)
     from longedit.kernels.isa_split import isa_attention_split
 
     theirs = load_peer(args.peer_dir, cuda)
@@ -218,9 +220,13 @@ def main() -> int:
                       "of a tensor read garbage; on the GPU this would be a real failure)", flush=True)
             cells["ours (isa_attention)"] = (measure(run_ours), rel(run_ours(), ref, rows))
             rule_errors = []
-            for saliency, sharpness in itertools.product(SALIENCY_RULES, SHARPNESS_RULES):
-                plan = plan_isa_fast(q, k, v, t_len, n, saliency=saliency, sharpness=sharpness)
-                rule_errors.append(f"{saliency}+{sharpness} {rel(isa_attention_split(q, k, v, plan), ref, rows):.2e}")
+            variants = [(saliency, sharpness, DEFAULT_TILING)
+                        for saliency, sharpness in itertools.product(SALIENCY_RULES, SHARPNESS_RULES)]
+            variants += [(DEFAULT_SALIENCY, DEFAULT_SHARPNESS, t) for t in TILINGS if t != DEFAULT_TILING]
+            for saliency, sharpness, tiling in variants:  # errors only; torch pooling follows the tiling
+                plan = plan_isa(q, k, v, t_len, n, saliency=saliency, sharpness=sharpness, tiling=tiling)
+                err = rel(isa_attention_split(q, k, v, plan), ref, rows)
+                rule_errors.append(f"{saliency}+{sharpness}+{tiling} {err:.2e}")
             fastest = min(ms for label, (ms, _) in cells.items() if label.startswith("dense"))
             mass = context_mass(q, k, t_len)
             for label, (ms, err) in cells.items():
@@ -238,7 +244,7 @@ def main() -> int:
           "blocks exact; ours alpha_s 0.125, alpha_f 0.5, alpha_ns 0.0625, b 64.")
     print("Not run (package not importable here): " + (", ".join(missing) if missing else "none"))
     print("shape | generator (context attention mass) | method | ms | speedup vs fastest dense | rel L2 err vs exact "
-          "fp32 | ours' error per (saliency+sharpness) rule")
+          "fp32 | ours' error per saliency+sharpness+tiling")
     print("--- | --- | --- | --- | --- | --- | ---")
     print("\n".join(lines))
     return 0

@@ -11,11 +11,15 @@ Inputs: bench/isa_inputs.py's three generators (Gaussian, structured, mixture), 
 float32 q, k, v; ISA at the node's default ratios runs in plain torch (`isa_attention_split`, taylor='torch');
 the error is the relative L2 against exact attention in float64 on every row. Small sizes (the CPU).
 
-Run:  python bench/isa_rules.py [--n 8190] [--heads 4] [--seeds 2]
+--tiling picks the block tiling ("grid" or "segment", `isa_reference.block_layout`); N/2 off the 64 grid
+(e.g. --n 10710) shows how the structured generator's 64-token clusters meet each tiling.
+
+Run:  python bench/isa_rules.py [--n 8190] [--heads 4] [--seeds 2] [--tiling grid|segment]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import os
@@ -59,13 +63,17 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--generators", default="gauss,struct,mixture")
+    ap.add_argument("--tiling", default=None, help="block tiling, 'segment' or 'grid' (default: the plan's)")
     args = ap.parse_args()
     import_pack()
     from longedit.kernels.isa_reference import SALIENCY_RULES, SHARPNESS_RULES, plan_isa
     from longedit.kernels.isa_split import isa_attention_split
 
     n, ctx = args.n, (args.n // 2, args.n)
-    print(f"ISA rules, 1x{args.heads}x{n:,} (context = second half), d 128, float32, default ratios, "
+    if args.tiling:  # every plan below, oracle's included
+        plan_isa = functools.partial(plan_isa, tiling=args.tiling)
+    print(f"ISA rules, 1x{args.heads}x{n:,} (context = second half), tiling {args.tiling or 'default'}, d 128, "
+          f"float32, default ratios, "
           f"rel L2 vs exact float64 on every row, mean over {args.seeds} seeds")
     print("generator | context mass | " + " | ".join(f"{s} + {r}" for s, r in itertools.product(SALIENCY_RULES, SHARPNESS_RULES))
           + " | " + " | ".join(f"{s} + oracle" for s in SALIENCY_RULES))
