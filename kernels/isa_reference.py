@@ -56,7 +56,7 @@ SHARPNESS_RULES = ("variance", "topk_mass")
 TILINGS = ("segment", "grid")
 DEFAULT_TILING = "grid"  # bench/isa_rules.py: see `block_layout`
 DEFAULT_SALIENCY = "softmax_mass"  # bench/isa_rules.py: lower error on Gaussian and mixture inputs, equal on structured
-DEFAULT_SHARPNESS = "topk_mass"  # bench/isa_rules.py: lowest error on mixture inputs, tied elsewhere
+DEFAULT_SHARPNESS = "variance"  # bench/isa_rules.py: ties "topk_mass" on every generator (within 0.5%), and is cheaper
 
 
 @dataclass(frozen=True)
