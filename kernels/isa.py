@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .isa_reference import (DEFAULT_ALPHA_F, DEFAULT_ALPHA_NS, DEFAULT_ALPHA_S, DEFAULT_BLOCK_SIZE, IsaPlan,
-                            check_qkv, gather_blocks, plan_isa)
+from .isa_reference import (DEFAULT_ALPHA_F, DEFAULT_ALPHA_NS, DEFAULT_ALPHA_S, DEFAULT_BLOCK_SIZE,
+                            DEFAULT_SALIENCY, DEFAULT_SHARPNESS, DEFAULT_TILING, IsaPlan, check_qkv, gather_blocks, plan_isa)
 
 LOG2E = 1.4426950408889634
 
@@ -311,8 +311,10 @@ def isa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
 
 def isa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
                block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
-               alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS) -> torch.Tensor:
+               alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS,
+               saliency: str = DEFAULT_SALIENCY, sharpness: str = DEFAULT_SHARPNESS,
+               tiling: str = DEFAULT_TILING) -> torch.Tensor:
     """Plan ISA in torch and run its attention in Triton: q, k, v [B, H, N, d] -> [B, H, N, d]."""
     plan = plan_isa(q, k, v, ctx_start, ctx_end, block_size=block_size, alpha_s=alpha_s, alpha_f=alpha_f,
-                    alpha_ns=alpha_ns)
+                    alpha_ns=alpha_ns, saliency=saliency, sharpness=sharpness, tiling=tiling)
     return isa_attention_triton(q, k, v, plan)

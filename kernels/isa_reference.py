@@ -6,23 +6,26 @@ the attention step from the same `IsaPlan`. Everything is computed in float32.
 The token axis holds "source" tokens and one contiguous range [ctx_start, ctx_end) of "context" tokens
 (in-context editing puts the source video's tokens there). ISA works on blocks of `block_size` tokens:
 
-1. Blocks. Each of the up to three segments [0, ctx_start), [ctx_start, ctx_end), [ctx_end, N) is tiled
-   from its own start, so no block straddles the context boundary; the last block of a segment may be
-   partial (fewer than `block_size` tokens). With ctx_start and ctx_end multiples of `block_size` this is
-   the plain tiling of the token axis.
+1. Blocks. Each of the up to three segments [0, ctx_start), [ctx_start, ctx_end), [ctx_end, N) is tiled on
+   its own, so no block straddles the context boundary. "grid" tiling (the default) cuts the plain tiling
+   of the whole axis (blocks [m b, (m + 1) b)) at the segment edges, so a segment may start and end with a
+   partial block; "segment" tiling starts a full block at each segment's start and only the last block of
+   a segment may be partial. With ctx_start and ctx_end multiples of `block_size` both are the plain tiling.
 2. Pooling. q̄, k̄, v̄ [B, H, nb, d]: the mean of each block's tokens (true count for partial blocks).
 3. Coarse scores. S̄ = q̄ k̄ᵀ / sqrt(d), [B, H, nb, nb].
 4. Context pre-selection. Source KV blocks are always kept. Of the context KV blocks, ceil(alpha_s *
-   n_ctx_blocks) are kept: the most salient by the mean of S̄[i, j] over the source query blocks i (over all
-   query blocks if there are none), except that the context segment's partial tail block (fewer than
-   `block_size` tokens; there is at most one) is always among them when any are kept. That way every head
-   keeps the same number of tokens, which lets the exact path run as one dense attention call over gathered
-   tokens (`isa_split.py`); the tail is one block of fewer than b tokens. The kept set is per (batch, head).
+   n_ctx_blocks) are kept: the most salient (`context_saliency`: by default "softmax_mass", the pooled
+   attention mass sum_i softmax_j'(S̄[i, j'] + ln b_j')[j] over the source query blocks i; or "logit_mean",
+   the mean of S̄[i, j]), except that the context segment's partial blocks (fewer than `block_size`
+   tokens: its last block, and with "grid" tiling its first) are always among them when any are kept
+   (even when ceil(alpha_s * n_ctx_blocks) is smaller). That way every head keeps the same number of
+   tokens, which lets the exact path run as one dense attention call over gathered tokens
+   (`isa_split.py`). The kept set is per (batch, head).
 5. Query sharpness. For each query block i, p = softmax_j(S̄[i, j] + ln b_j) over the kept blocks j
    (b_j = tokens in block j: the pooled estimate of block j's attention mass, as in step 6), and
-   sharpness_i = Var(p) = (1/n) * sum_j (p_j - 1/n)^2 with n = number of kept blocks. The top
-   ceil(alpha_f * nb) query blocks by sharpness ("sharp" blocks) take exact attention over every token
-   of the kept blocks.
+   sharpness_i = Var(p) = (1/n) * sum_j (p_j - 1/n)^2 with n = number of kept blocks (`query_sharpness`;
+   or "topk_mass", the sum of the n_near largest p_j). The top ceil(alpha_f * nb) query blocks by
+   sharpness ("sharp" blocks) take exact attention over every token of the kept blocks.
 6. 0-th order Taylor path for the other ("Taylor") query blocks. Each query token attends exactly to the
    tokens of that block's top max(1, ceil(alpha_ns * n)) kept blocks (ranked by S̄[i, j]; its "near"
    blocks) and, for every other kept block j, to one pseudo-token with logit q·k̄_j / sqrt(d) + ln b_j and
@@ -45,6 +48,15 @@ DEFAULT_BLOCK_SIZE = 64
 DEFAULT_ALPHA_S = 0.125  # share of context KV blocks kept by pre-selection
 DEFAULT_ALPHA_F = 0.5  # share of query blocks that take exact ("full") attention
 DEFAULT_ALPHA_NS = 0.0625  # share of kept KV blocks a Taylor query block still attends to exactly
+# How context blocks are ranked for pre-selection (step 4) and query blocks for exact attention (step 5).
+# "logit_mean" / "variance" are the paper's rules as first implemented here; "softmax_mass" / "topk_mass" are
+# the rules of the authors' code (see `context_saliency`, `query_sharpness`). bench/isa_rules.py measures them.
+SALIENCY_RULES = ("logit_mean", "softmax_mass")
+SHARPNESS_RULES = ("variance", "topk_mass")
+TILINGS = ("segment", "grid")
+DEFAULT_TILING = "grid"  # bench/isa_rules.py: see `block_layout`
+DEFAULT_SALIENCY = "softmax_mass"  # bench/isa_rules.py: lower error on Gaussian and mixture inputs, equal on structured
+DEFAULT_SHARPNESS = "variance"  # bench/isa_rules.py: ties "topk_mass" on every generator (within 0.5%), and is cheaper
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,10 @@ class BlockLayout:
     segments: ((start, end, is_context), ...), the non-empty segments the blocks tile, in token order.
     context_blocks: (first, end), the range of context block ids (empty when there is no context).
     context_tail_partial: whether the last context block holds fewer than block_size tokens.
+    context_partial: ids of the context blocks with fewer than block_size tokens (at most two: the first
+        one with "grid" tiling, the last one).
+    tiling: "segment" (each segment tiled from its own start) or "grid" (blocks end on multiples of
+        block_size, as in a plain tiling of the whole axis, and are cut at the segment edges).
     """
 
     block_size: int
@@ -65,6 +81,9 @@ class BlockLayout:
     segments: tuple[tuple[int, int, bool], ...]
     context_blocks: tuple[int, int] = (0, 0)
     context_tail_partial: bool = False
+    context_partial: tuple[int, ...] = ()
+    context_partial_tokens: int = 0
+    tiling: str = "segment"
 
     @property
     def n_blocks(self) -> int:
@@ -78,6 +97,17 @@ class BlockLayout:
     @functools.cached_property
     def count32(self) -> torch.Tensor:
         return self.count.to(torch.int32)
+
+    # context block ids on the layout's device, made once: pre-selection keeps the partial ones and ranks the rest
+    @functools.cached_property
+    def context_partial_ids(self) -> torch.Tensor:
+        return torch.tensor(self.context_partial, dtype=torch.int64, device=self.start.device)
+
+    @functools.cached_property
+    def context_full_ids(self) -> torch.Tensor:
+        first, end = self.context_blocks
+        full = [j for j in range(first, end) if j not in self.context_partial]
+        return torch.tensor(full, dtype=torch.int64, device=self.start.device)
 
 
 @dataclass(frozen=True)
@@ -121,14 +151,31 @@ def count_for_ratio(ratio: float, n: int) -> int:
 
 
 def block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                 device: torch.device | str | None = None) -> BlockLayout:
+                 device: torch.device | str | None = None, tiling: str = DEFAULT_TILING) -> BlockLayout:
     """Tile the source and context segments separately, so that no block mixes source and context tokens.
-    Cached: a DiT asks for the same layout in every layer of every step."""
-    return _block_layout(n_tokens, ctx_start, ctx_end, block_size, torch.device(device or "cpu"))
+    Cached: a DiT asks for the same layout in every layer of every step.
+
+    tiling "grid" (default) or "segment" (see the module notes). Measured with bench/isa_rules.py (CPU,
+    1x2x10,710, context from token 5,355, 43 tokens off the 64 grid): on bench/isa_inputs.py's structured
+    inputs, whose clusters follow the 64 grid of the whole axis, "segment" puts every context block across
+    two clusters (rel. error 6.2e-2 vs 1.2e-2 with "grid"); on the mixture inputs, whose runs follow no
+    grid, "segment" is ~4% lower (9.39e-2 vs 9.80e-2: "grid" spends a kept slot on a second partial block)."""
+    if tiling not in TILINGS:
+        raise ValueError(f"ISA: unknown tiling '{tiling}', expected one of {TILINGS}")
+    return _block_layout(n_tokens, ctx_start, ctx_end, block_size, torch.device(device or "cpu"), tiling)
+
+
+def first_full_edge(seg_start: int, seg_end: int, block_size: int, tiling: str) -> int:
+    """Where a segment's first block ends under `tiling` ("segment": a full block from its start; "grid": the
+    next multiple of block_size), clipped to the segment."""
+    if tiling == "grid":
+        return min(seg_end, -(-(seg_start + 1) // block_size) * block_size)
+    return min(seg_end, seg_start + block_size)
 
 
 @functools.lru_cache(maxsize=16)
-def _block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int, device: torch.device) -> BlockLayout:
+def _block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int, device: torch.device,
+                  tiling: str = DEFAULT_TILING) -> BlockLayout:
     if not 0 <= ctx_start <= ctx_end <= n_tokens:
         raise ValueError(f"ISA: context range [{ctx_start}, {ctx_end}) does not fit in {n_tokens} tokens")
     if block_size < 1:
@@ -137,9 +184,10 @@ def _block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int, 
                                                    (ctx_end, n_tokens, False)) if e > s)
     starts, counts, flags = [], [], []
     for seg_start, seg_end, is_ctx in segments:
-        for s in range(seg_start, seg_end, block_size):
+        edge = first_full_edge(seg_start, seg_end, block_size, tiling)
+        for s in [seg_start] + list(range(edge, seg_end, block_size)) if edge < seg_end else [seg_start]:
             starts.append(s)
-            counts.append(min(block_size, seg_end - s))
+            counts.append((edge if s == seg_start else min(seg_end, s + block_size)) - s)
             flags.append(is_ctx)
     context = [i for i, flag in enumerate(flags) if flag]
     context_blocks = (context[0], context[-1] + 1) if context else (0, 0)
@@ -148,7 +196,9 @@ def _block_layout(n_tokens: int, ctx_start: int, ctx_end: int, block_size: int, 
                        count=torch.tensor(counts, dtype=torch.int64, device=device),
                        is_context=torch.tensor(flags, dtype=torch.bool, device=device),
                        segments=segments, context_blocks=context_blocks,
-                       context_tail_partial=bool(context) and counts[context[-1]] < block_size)
+                       context_tail_partial=bool(context) and counts[context[-1]] < block_size,
+                       context_partial=tuple(i for i in context if counts[i] < block_size),
+                       context_partial_tokens=sum(counts[i] for i in context if counts[i] < block_size), tiling=tiling)
 
 
 def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -159,6 +209,10 @@ def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     size = layout.block_size
     pieces = []
     for seg_start, seg_end, _ in layout.segments:
+        edge = first_full_edge(seg_start, seg_end, size, layout.tiling)
+        if edge - seg_start < size:  # a partial first block ("grid" tiling, or a segment shorter than a block)
+            pieces.append(x[:, :, seg_start:edge].mean(dim=2, keepdim=True, dtype=torch.float32))
+            seg_start = edge
         n_full = (seg_end - seg_start) // size
         full_end = seg_start + n_full * size
         if n_full:
@@ -173,59 +227,74 @@ def coarse_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> torch.Tenso
     return pooled_q.float() @ pooled_k.float().transpose(-1, -2) / math.sqrt(pooled_q.shape[-1])
 
 
-def context_saliency(pooled_q: torch.Tensor, pooled_k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """Saliency of each context KV block: the mean coarse score S̄[i, j] over the source query blocks i (over
-    all query blocks if there are none), float32 [B, H, n_ctx_blocks].
+def context_saliency(pooled_q: torch.Tensor, pooled_k: torch.Tensor, layout: BlockLayout,
+                     rule: str = DEFAULT_SALIENCY) -> torch.Tensor:
+    """Saliency of each context KV block j, [B, H, n_ctx_blocks], in the pooled tensors' dtype (float32 from
+    `pool_blocks`; float64 inputs stay float64), over the source query blocks i (all query blocks if there
+    are none):
 
-    The mean of q̄_i·k̄_j over i is (mean of q̄_i)·k̄_j, so this costs one matrix-vector product per head
-    instead of the [nb, nb] score matrix."""
+    * "logit_mean": the mean coarse score S̄[i, j]. The mean of q̄_i·k̄_j over i is (mean of q̄_i)·k̄_j, so
+      this costs one matrix-vector product per head instead of the [nb, nb] score matrix.
+    * "softmax_mass": sum over i of P[i, j], P[i] = softmax over ALL blocks j' of S̄[i, j'] + ln b_j': the
+      pooled estimate of the attention mass the source queries put on block j (the authors' code ranks by
+      the block-softmax probability summed over target queries, without the ln b_j' of partial blocks)."""
     first, end = layout.context_blocks
     nb = layout.n_blocks
     pieces = [pooled_q[:, :, :first], pooled_q[:, :, end:]] if end - first < nb else [pooled_q]
-    mean_q = torch.cat(pieces, dim=2).float().mean(dim=2, keepdim=True)  # [B, H, 1, d]
-    return coarse_scores(mean_q, pooled_k[:, :, first:end]).squeeze(2)
+    source_q = torch.cat(pieces, dim=2)
+    if rule == "logit_mean":
+        return _scores(source_q.mean(dim=2, keepdim=True), pooled_k[:, :, first:end]).squeeze(2)
+    if rule == "softmax_mass":
+        log_counts = layout.count.to(pooled_k.dtype).log()
+        mass = (_scores(source_q, pooled_k) + log_counts).softmax(dim=-1)  # [B, H, n_src, nb]
+        return mass[..., first:end].sum(dim=2)
+    raise ValueError(f"ISA: unknown saliency rule '{rule}', expected one of {SALIENCY_RULES}")
 
 
-def kept_context_counts(layout: BlockLayout, alpha_s: float) -> tuple[int, bool]:
-    """(context blocks kept, whether the partial context tail is one of them), from the layout alone."""
+def _scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> torch.Tensor:
+    """q̄ k̄ᵀ / sqrt(d) in the inputs' dtype (`coarse_scores` always computes in float32)."""
+    return pooled_q @ pooled_k.transpose(-1, -2) / math.sqrt(pooled_q.shape[-1])
+
+
+def kept_context_counts(layout: BlockLayout, alpha_s: float) -> tuple[int, int]:
+    """(context blocks kept, how many of them are the partial context blocks), from the layout alone. When
+    any context block is kept, every partial one is (at most two)."""
     first, end = layout.context_blocks
     n_keep_ctx = count_for_ratio(alpha_s, end - first)
     if end - first == layout.n_blocks:  # nothing but context: keep at least one block
         n_keep_ctx = max(1, n_keep_ctx)
-    return n_keep_ctx, bool(n_keep_ctx) and layout.context_tail_partial
+    n_partial = len(layout.context_partial) if n_keep_ctx else 0
+    return max(n_keep_ctx, n_partial), n_partial
 
 
 def select_kv_blocks(saliency: torch.Tensor, layout: BlockLayout, alpha_s: float) -> torch.Tensor:
     """Context pre-selection: int64 [B, H, n_kept] kept KV blocks, ascending.
 
     Every source block is kept; ceil(alpha_s * n_ctx_blocks) context blocks are kept: the partial context
-    tail block, if there is one, and the most salient of the others (`context_saliency`). At least one
+    blocks, if there are any, and the most salient of the others (`context_saliency`). At least one
     block is kept. No device round trip: every count comes from the layout."""
     batch, heads = saliency.shape[:2]
     nb = layout.n_blocks
     first, end = layout.context_blocks
     device = saliency.device
-    ctx_blocks = torch.arange(first, end, device=device)
     src_blocks = torch.cat([torch.arange(first, device=device), torch.arange(end, nb, device=device)])
-    n_keep_ctx, keeps_tail = kept_context_counts(layout, alpha_s)
+    n_keep_ctx, n_partial = kept_context_counts(layout, alpha_s)
     kept = [src_blocks.expand(batch, heads, -1)]
-    if keeps_tail:  # always kept, so that every head keeps the same number of tokens
-        kept.append(ctx_blocks[-1:].expand(batch, heads, -1))
-        ctx_blocks, saliency, n_keep_ctx = ctx_blocks[:-1], saliency[..., :-1], n_keep_ctx - 1
-    if n_keep_ctx:
-        best = saliency.argsort(dim=-1, descending=True, stable=True)[..., :n_keep_ctx]
-        kept.append(ctx_blocks[best])
+    if n_partial:  # always kept, so that every head keeps the same number of tokens
+        kept.append(layout.context_partial_ids.to(device).expand(batch, heads, -1))
+    if n_keep_ctx > n_partial:
+        candidates = layout.context_full_ids.to(device)
+        best = saliency[..., candidates - first].argsort(dim=-1, descending=True, stable=True)
+        kept.append(candidates[best[..., :n_keep_ctx - n_partial]])
     return torch.cat(kept, dim=-1).sort(dim=-1).values
 
 
 def kept_token_count(layout: BlockLayout, alpha_s: float) -> int:
     """Tokens in the kept blocks of every head (the same for all heads, see `select_kv_blocks`)."""
-    first, end = layout.context_blocks
-    size = layout.block_size
     n_ctx_tokens = sum(e - s for s, e, ctx in layout.segments if ctx)
-    n_keep_ctx, keeps_tail = kept_context_counts(layout, alpha_s)
-    tail = n_ctx_tokens - (end - first - 1) * size if keeps_tail else 0
-    return layout.segments[-1][1] - n_ctx_tokens + tail + (n_keep_ctx - keeps_tail) * size
+    n_keep_ctx, n_partial = kept_context_counts(layout, alpha_s)
+    partial = layout.context_partial_tokens if n_partial else 0
+    return layout.segments[-1][1] - n_ctx_tokens + partial + (n_keep_ctx - n_partial) * layout.block_size
 
 
 def gather_blocks(per_block: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -233,17 +302,25 @@ def gather_blocks(per_block: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor
     return per_block.gather(2, blocks.unsqueeze(-1).expand(-1, -1, -1, per_block.shape[-1]))
 
 
-def query_sharpness(kept_scores: torch.Tensor, kept_log_counts: torch.Tensor) -> torch.Tensor:
-    """Var(p) for p = softmax over kept blocks j of S̄[i, j] + ln b_j: float32 [B, H, nb_q].
+def query_sharpness(kept_scores: torch.Tensor, kept_log_counts: torch.Tensor, rule: str = DEFAULT_SHARPNESS,
+                    top: int = 1) -> torch.Tensor:
+    """Sharpness of each query block from p = softmax over kept blocks j of S̄[i, j] + ln b_j, [B, H, nb_q] in
+    kept_scores' dtype. kept_scores [B, H, nb_q, n_kept] are the coarse scores of the kept blocks,
+    kept_log_counts [B, H, n_kept] their ln b_j.
 
-    kept_scores [B, H, nb_q, n_kept] are the coarse scores of the kept blocks, kept_log_counts [B, H, n_kept]
-    their ln b_j. Var(p) = (1/n) * sum_j (p_j - 1/n)^2 (the mean of p is exactly 1/n). High variance means
-    a peaked block distribution, which the 0-th order Taylor path approximates worst, so those blocks go
-    exact."""
+    * "variance": Var(p) = (1/n) * sum_j (p_j - 1/n)^2 (the mean of p is exactly 1/n). High variance means
+      a peaked block distribution, which the 0-th order Taylor path approximates worst, so those blocks go
+      exact.
+    * "topk_mass": the sum of the `top` largest p_j (the authors' code sums the top-k block probabilities
+      over the target key blocks, k = 1/16 of them; here the kept blocks, k given by the caller)."""
     p = (kept_scores + kept_log_counts.unsqueeze(2)).softmax(dim=-1)
     n = p.shape[-1]
-    # (1/n) * sum_j (p_j - 1/n)^2 = (sum_j p_j^2 - 1/n) / n, since sum_j p_j = 1: one pass over p, not four
-    return (torch.linalg.vector_norm(p, dim=-1).square() - 1.0 / n) / n
+    if rule == "variance":
+        # (1/n) * sum_j (p_j - 1/n)^2 = (sum_j p_j^2 - 1/n) / n, since sum_j p_j = 1: one pass over p, not four
+        return (torch.linalg.vector_norm(p, dim=-1).square() - 1.0 / n) / n
+    if rule == "topk_mass":
+        return p.topk(min(max(1, top), n), dim=-1, sorted=False).values.sum(dim=-1)
+    raise ValueError(f"ISA: unknown sharpness rule '{rule}', expected one of {SHARPNESS_RULES}")
 
 
 def select_exact_queries(sharpness: torch.Tensor, alpha_f: float) -> torch.Tensor:
@@ -272,28 +349,39 @@ def split_queries(exact_query: torch.Tensor, n_sharp: int | None = None) -> tupl
 def plan_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
              block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
              alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS,
-             exact_query: torch.Tensor | None = None, pooled: tuple | None = None) -> IsaPlan:
+             exact_query: torch.Tensor | None = None, pooled: tuple | None = None,
+             saliency: str = DEFAULT_SALIENCY, sharpness: str = DEFAULT_SHARPNESS,
+             tiling: str = DEFAULT_TILING) -> IsaPlan:
     """Everything before attention (steps 1-5 and the near blocks of step 6), computed once in torch.
 
     exact_query (bool [B, H, nb], optional) overrides the sharpness routing; tests use it to compare
     routings on one input. pooled: (q̄, k̄, v̄) already computed by a twin of `pool_blocks` (the Triton one
-    on CUDA)."""
+    on CUDA). saliency, sharpness: the ranking rules of steps 4 and 5 (`context_saliency`,
+    `query_sharpness`; "topk_mass" sums the top n_near block probabilities, n_near as in step 6). tiling:
+    `block_layout`'s; `pooled`, when given, must come from the same layout."""
     check_qkv(q, k, v)
+    if saliency not in SALIENCY_RULES or sharpness not in SHARPNESS_RULES:
+        raise ValueError(f"ISA: unknown ranking rule (saliency '{saliency}', sharpness '{sharpness}'); expected "
+                         f"saliency in {SALIENCY_RULES} and sharpness in {SHARPNESS_RULES}")
     for name, ratio in (("alpha_s", alpha_s), ("alpha_f", alpha_f), ("alpha_ns", alpha_ns)):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ISA: {name} must lie in [0, 1], got {ratio}")
-    layout = block_layout(q.shape[2], ctx_start, ctx_end, block_size, device=q.device)
+    layout = block_layout(q.shape[2], ctx_start, ctx_end, block_size, device=q.device, tiling=tiling)
     pooled_q, pooled_k, pooled_v = pooled or (pool_blocks(x, layout) for x in (q, k, v))
-    kept = select_kv_blocks(context_saliency(pooled_q, pooled_k, layout), layout, alpha_s)
+    if pooled_q.shape[2] != layout.n_blocks:
+        raise ValueError(f"ISA: {pooled_q.shape[2]} pooled blocks given for a layout of {layout.n_blocks} blocks")
+    pooled_q, pooled_k, pooled_v = (x.float() for x in (pooled_q, pooled_k, pooled_v))
+    kept = select_kv_blocks(context_saliency(pooled_q, pooled_k, layout, saliency), layout, alpha_s)
     kept_k = gather_blocks(pooled_k, kept)
     kept_scores = coarse_scores(pooled_q, kept_k)  # [B, H, nb, n_kept]
-    n_sharp = None  # a routing given by the caller is checked
-    if exact_query is None:
-        exact_query = select_exact_queries(query_sharpness(kept_scores, layout.count.float().log()[kept]), alpha_f)
-        n_sharp = count_for_ratio(alpha_f, layout.n_blocks)
-    sharp, taylor = split_queries(exact_query, n_sharp)
     n_kept = kept.shape[-1]
     n_near = min(n_kept, max(1, count_for_ratio(alpha_ns, n_kept)))
+    n_sharp = None  # a routing given by the caller is checked
+    if exact_query is None:
+        block_sharpness = query_sharpness(kept_scores, layout.count.float().log()[kept], sharpness, top=n_near)
+        exact_query = select_exact_queries(block_sharpness, alpha_f)
+        n_sharp = count_for_ratio(alpha_f, layout.n_blocks)
+    sharp, taylor = split_queries(exact_query, n_sharp)
     taylor_scores = coarse_scores(gather_blocks(pooled_q, taylor), kept_k)  # [B, H, n_taylor, n_kept]
     return IsaPlan(layout=layout, pooled_k=pooled_k, pooled_v=pooled_v, kept_blocks=kept,
                    exact_query=exact_query, sharp_blocks=sharp, taylor_blocks=taylor,
@@ -361,8 +449,10 @@ def isa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
 def isa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
                   block_size: int = DEFAULT_BLOCK_SIZE, alpha_s: float = DEFAULT_ALPHA_S,
-                  alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS) -> torch.Tensor:
+                  alpha_f: float = DEFAULT_ALPHA_F, alpha_ns: float = DEFAULT_ALPHA_NS,
+                  saliency: str = DEFAULT_SALIENCY, sharpness: str = DEFAULT_SHARPNESS,
+                  tiling: str = DEFAULT_TILING) -> torch.Tensor:
     """Plan and run ISA in plain torch: q, k, v [B, H, N, d] -> [B, H, N, d] in q's dtype."""
     plan = plan_isa(q, k, v, ctx_start, ctx_end, block_size=block_size, alpha_s=alpha_s, alpha_f=alpha_f,
-                    alpha_ns=alpha_ns)
+                    alpha_ns=alpha_ns, saliency=saliency, sharpness=sharpness, tiling=tiling)
     return isa_attention_reference(q, k, v, plan)

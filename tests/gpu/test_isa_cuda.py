@@ -119,3 +119,27 @@ def test_triton_pooling_matches_the_reference():
         layout = block_layout(6001, *ctx, 64, device="cuda")
         for pooled, x in zip(pool_qkv_triton(q, k, v, layout), (q, k, v)):
             assert rel_l2(pooled, pool_blocks(x, layout)) <= 1e-6
+
+
+@pytest.mark.parametrize("saliency, sharpness, tiling", [("logit_mean", "variance", "segment"),
+                                                         ("softmax_mass", "topk_mass", "grid"),
+                                                         ("softmax_mass", "topk_mass", "segment")])
+def test_ranking_rules_and_tilings_run_on_cuda_as_in_the_reference(saliency, sharpness, tiling):
+    """Each rule pair and tiling: the plan on CUDA (Triton pooling included) equals the CPU plan, and the split
+    path and the one-kernel path match the reference under it (context start and end off the 64 grid)."""
+    from longedit.kernels.isa_reference import block_layout
+    from longedit.kernels.isa import pool_qkv_triton
+
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)
+               for x in structured_qkv(1, 4, 6001, 128, torch.bfloat16, seed=17))
+    layout = block_layout(6001, 2990, 5990, 64, device="cuda", tiling=tiling)
+    plan = plan_isa(q, k, v, 2990, 5990, saliency=saliency, sharpness=sharpness, tiling=tiling,
+                    pooled=pool_qkv_triton(q, k, v, layout))
+    cpu = plan_isa(q.cpu(), k.cpu(), v.cpu(), 2990, 5990, saliency=saliency, sharpness=sharpness, tiling=tiling)
+    assert plan.kept_blocks.shape == cpu.kept_blocks.shape
+    # float32 sums in another order may swap near-tied blocks, nothing more
+    assert (plan.kept_blocks.cpu() != cpu.kept_blocks).float().mean() <= 0.02
+    assert (plan.exact_query.cpu() != cpu.exact_query).float().mean() <= 0.02
+    reference = isa_attention_reference(q, k, v, plan)
+    assert rel_l2(isa_attention_split(q, k, v, plan), reference) <= TOLERANCE[torch.bfloat16]
+    assert rel_l2(isa_attention_triton(q, k, v, plan), reference) <= TOLERANCE[torch.bfloat16]

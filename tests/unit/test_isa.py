@@ -57,22 +57,33 @@ def structured_qkv(batch, heads, n, d, block, seed, dtype=torch.float32):
 
 # ---------------------------------------------------------------- blocks, pooling, selection
 
+@pytest.mark.parametrize("tiling", ["segment", "grid"])
 @pytest.mark.parametrize("n, ctx, size", [(200, (100, 200), 16), (333, (117, 333), 64), (333, (0, 0), 64),
-                                          (130, (64, 128), 64), (50, (0, 50), 16), (97, (3, 40), 16)])
-def test_blocks_tile_each_segment_and_never_straddle_the_context_boundary(n, ctx, size):
-    layout = block_layout(n, *ctx, size)
+                                          (130, (64, 128), 64), (50, (0, 50), 16), (97, (3, 40), 16),
+                                          (100, (37, 45), 16)])
+def test_blocks_tile_each_segment_and_never_straddle_the_context_boundary(n, ctx, size, tiling):
+    layout = block_layout(n, *ctx, size, tiling=tiling)
     starts, counts, flags = layout.start.tolist(), layout.count.tolist(), layout.is_context.tolist()
     assert starts[0] == 0 and all(s + c == t for s, c, t in zip(starts, counts, starts[1:] + [n]))
     assert all(1 <= c <= size for c in counts)
     for s, c, is_ctx in zip(starts, counts, flags):
         assert all((ctx[0] <= t < ctx[1]) == is_ctx for t in range(s, s + c))
+    edges = {0, n, *ctx}
+    if tiling == "grid":  # every block starts and ends on the grid of the whole axis or at a segment edge
+        assert all(s % size == 0 or s in edges for s in starts)
+        assert all((s + c) % size == 0 or s + c in edges for s, c in zip(starts, counts))
+    else:  # every block starts a whole number of blocks after its segment's start
+        assert all((s - max(e for e in edges if e <= s)) % size == 0 for s in starts)
+    partial = tuple(i for i, (c, f) in enumerate(zip(counts, flags)) if f and c < size)
+    assert layout.context_partial == partial and layout.context_partial_tokens == sum(counts[i] for i in partial)
     if ctx[0] % size == 0 and ctx[1] % size in (0, n % size):  # aligned: the plain tiling of the axis
         assert starts == list(range(0, n, size))
 
 
-def test_pooling_divides_partial_blocks_by_their_true_count():
+@pytest.mark.parametrize("tiling", ["segment", "grid"])
+def test_pooling_divides_partial_blocks_by_their_true_count(tiling):
     x = torch.randn(2, 3, 97, 8, dtype=torch.float16)
-    layout = block_layout(97, 3, 40, 16)
+    layout = block_layout(97, 3, 40, 16, tiling=tiling)
     pooled = pool_blocks(x, layout)
     expected = torch.stack([x[:, :, s:s + c].float().mean(dim=2)
                             for s, c in zip(layout.start.tolist(), layout.count.tolist())], dim=2)
@@ -114,21 +125,25 @@ def test_near_blocks_are_the_best_scored_kept_blocks():
             assert scores[slots].min() >= scores.topk(plan.n_near).values.min()
 
 
+@pytest.mark.parametrize("tiling", ["segment", "grid"])
 @pytest.mark.parametrize("n, ctx, alpha_s", [(333, (117, 333), 0.125), (333, (117, 300), 0.3), (200, (0, 200), 0.1),
-                                             (130, (64, 128), 0.5), (333, (117, 333), 0.0)])
-def test_every_head_keeps_the_same_tokens_count_and_the_partial_context_tail(n, ctx, alpha_s):
-    """The exact path gathers the kept tokens of all heads into one tensor, so their count must agree."""
+                                             (130, (64, 128), 0.5), (333, (117, 333), 0.0), (333, (117, 333), 0.01)])
+def test_every_head_keeps_the_same_tokens_count_and_the_partial_context_blocks(n, ctx, alpha_s, tiling):
+    """The exact path gathers the kept tokens of all heads into one tensor, so their count must agree: the
+    partial context blocks (the tail; with "grid" tiling also the head) are kept whenever any context is,
+    even when the ratio asks for fewer blocks than that."""
     q, k, v = structured_qkv(2, 4, n, 16, 16, seed=n)
-    plan = plan_isa(q, k, v, *ctx, block_size=16, alpha_s=alpha_s)
+    plan = plan_isa(q, k, v, *ctx, block_size=16, alpha_s=alpha_s, tiling=tiling)
     layout = plan.layout
     tokens = layout.count[plan.kept_blocks].sum(-1)
     assert (tokens == plan.n_kept_tokens).all()  # counted from the layout alone, for every head
     ctx_blocks = layout.is_context.nonzero().flatten()
     n_keep_ctx = count_for_ratio(alpha_s, ctx_blocks.numel()) if ctx_blocks.numel() else 0
-    assert plan.n_kept == int((~layout.is_context).sum()) + n_keep_ctx
-    tail = int(ctx_blocks[-1]) if ctx_blocks.numel() else None
-    if n_keep_ctx and layout.count[tail] < 16:
-        assert (plan.kept_blocks == tail).any(-1).all()
+    partial = [int(j) for j in ctx_blocks if layout.count[j] < 16]
+    assert plan.n_kept == int((~layout.is_context).sum()) + (max(n_keep_ctx, len(partial)) if n_keep_ctx else 0)
+    for j in partial if n_keep_ctx else []:
+        assert (plan.kept_blocks == j).any(-1).all()
+    assert (plan.kept_blocks.diff(dim=-1) > 0).all()
 
 
 def test_preselection_keeps_every_source_block_and_the_salient_context_block():
@@ -145,9 +160,9 @@ def test_preselection_keeps_every_source_block_and_the_salient_context_block():
 
 
 def test_exact_query_blocks_are_the_sharpest():
-    """Sharpness is Var(softmax_j(S̄[i, j] + ln b_j)) over kept blocks; the exact blocks have the largest."""
+    """The "variance" rule: Var(softmax_j(S̄[i, j] + ln b_j)) over kept blocks; the exact blocks have the largest."""
     q, k, v = structured_qkv(1, 2, 200, 16, 16, seed=3)
-    plan = plan_isa(q, k, v, 100, 200, block_size=16, alpha_s=0.5, alpha_f=0.25)
+    plan = plan_isa(q, k, v, 100, 200, block_size=16, alpha_s=0.5, alpha_f=0.25, sharpness="variance")
     layout = plan.layout
     pooled_q = pool_blocks(q, layout)
     kept = plan.kept_blocks
@@ -157,6 +172,101 @@ def test_exact_query_blocks_are_the_sharpest():
         sharpness = ((p - 1 / p.shape[-1]) ** 2).mean(dim=-1)
         exact = plan.exact_query[0, h]
         assert sharpness[exact].min() >= sharpness[~exact].max()
+
+
+# ---------------------------------------------------------------- ranking rules (the authors' and ours)
+
+def saliency_transcription(pooled_q, pooled_k, counts, is_context, rule):
+    """Context-block saliency in float64, one (batch, head) and one block at a time: the definitions written
+    out with Python loops, independent of the tensor code."""
+    d = pooled_q.shape[-1]
+    ctx = [j for j, flag in enumerate(is_context) if flag]
+    src = [i for i, flag in enumerate(is_context) if not flag] or list(range(len(is_context)))
+    score = lambda i, j: float(pooled_q[i] @ pooled_k[j]) / math.sqrt(d)  # noqa: E731
+    if rule == "logit_mean":
+        return [sum(score(i, j) for i in src) / len(src) for j in ctx]
+    mass = [0.0] * len(ctx)
+    for i in src:
+        weights = [math.exp(score(i, j) + math.log(counts[j])) for j in range(len(is_context))]
+        for slot, j in enumerate(ctx):
+            mass[slot] += weights[j] / sum(weights)
+    return mass
+
+
+def sharpness_transcription(scores, log_counts, rule, top):
+    """Query-block sharpness in float64 from one query block's kept-block scores (Python lists)."""
+    weights = [math.exp(s + c) for s, c in zip(scores, log_counts)]
+    p = [w / sum(weights) for w in weights]
+    if rule == "variance":
+        return sum((x - 1 / len(p)) ** 2 for x in p) / len(p)
+    return sum(sorted(p, reverse=True)[:top])
+
+
+@pytest.mark.parametrize("rule", ["logit_mean", "softmax_mass"])
+@pytest.mark.parametrize("n, ctx, size", [(333, (117, 333), 16), (200, (0, 200), 16), (157, (60, 140), 16)])
+def test_context_saliency_rules_match_a_float64_transcription(rule, n, ctx, size):
+    """Partial blocks on both sides of the context (the ln b_j of softmax_mass uses the true counts), a
+    context range in the middle, and a sequence of context only (every block is a query block then)."""
+    from longedit.kernels.isa_reference import context_saliency
+
+    q, k, _ = (x.double() for x in structured_qkv(2, 3, n, 24, size, seed=n + size))
+    layout = block_layout(n, *ctx, size)
+    pooled_q, pooled_k = pool_blocks(q, layout).double(), pool_blocks(k, layout).double()
+    saliency = context_saliency(pooled_q, pooled_k, layout, rule)
+    assert saliency.dtype == torch.float64
+    for b, h in ((0, 0), (1, 2), (0, 1)):
+        expected = saliency_transcription(pooled_q[b, h], pooled_k[b, h], layout.count.tolist(),
+                                          layout.is_context.tolist(), rule)
+        assert torch.allclose(saliency[b, h], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("rule, top", [("variance", 1), ("topk_mass", 1), ("topk_mass", 3), ("topk_mass", 50)])
+def test_query_sharpness_rules_match_a_float64_transcription(rule, top):
+    from longedit.kernels.isa_reference import query_sharpness
+
+    g = torch.Generator().manual_seed(top)
+    scores = 3 * torch.randn(2, 3, 7, 11, generator=g, dtype=torch.float64)
+    log_counts = torch.tensor([64.0] * 10 + [9.0], dtype=torch.float64).log().expand(2, 3, 11)
+    sharpness = query_sharpness(scores, log_counts, rule, top=top)
+    for b, h, i in ((0, 0, 0), (1, 2, 6), (0, 1, 3), (1, 0, 5)):
+        expected = sharpness_transcription(scores[b, h, i].tolist(), log_counts[b, h].tolist(), rule, min(top, 11))
+        assert math.isclose(sharpness[b, h, i].item(), expected, rel_tol=1e-12, abs_tol=1e-15)
+
+
+@pytest.mark.parametrize("saliency", ["logit_mean", "softmax_mass"])
+@pytest.mark.parametrize("sharpness", ["variance", "topk_mass"])
+def test_plan_follows_each_ranking_rule(saliency, sharpness):
+    """The plan keeps the context blocks its saliency rule ranks highest and sends the query blocks its
+    sharpness rule ranks highest to exact attention (top = n_near for topk_mass), per (batch, head)."""
+    n, ctx, size = 333, (117, 333), 16
+    q, k, v = structured_qkv(2, 3, n, 24, size, seed=21)
+    plan = plan_isa(q, k, v, *ctx, block_size=size, alpha_s=0.3, alpha_f=0.4, alpha_ns=0.2,
+                    saliency=saliency, sharpness=sharpness)
+    layout = plan.layout
+    pooled_q, pooled_k = pool_blocks(q.double(), layout), pool_blocks(k.double(), layout)
+    ctx_ids = layout.is_context.nonzero().flatten().tolist()
+    counts = layout.count.tolist()
+    for b, h in ((0, 0), (1, 1), (1, 2)):
+        ranked = saliency_transcription(pooled_q[b, h], pooled_k[b, h], counts, layout.is_context.tolist(), saliency)
+        kept_ctx = [j for j in plan.kept_blocks[b, h].tolist() if j in ctx_ids and counts[j] == size]
+        full_ctx = [(value, j) for value, j in zip(ranked, ctx_ids) if counts[j] == size]
+        dropped = [value for value, j in full_ctx if j not in kept_ctx]
+        assert min(value for value, j in full_ctx if j in kept_ctx) >= max(dropped)
+        kept = plan.kept_blocks[b, h].tolist()
+        log_counts = [math.log(counts[j]) for j in kept]
+        d = q.shape[-1]
+        values = [sharpness_transcription([float(pooled_q[b, h, i] @ pooled_k[b, h, j]) / math.sqrt(d) for j in kept],
+                                          log_counts, sharpness, plan.n_near) for i in range(layout.n_blocks)]
+        exact = plan.exact_query[b, h].tolist()
+        assert min(x for x, e in zip(values, exact) if e) >= max(x for x, e in zip(values, exact) if not e) - 1e-9
+
+
+def test_unknown_ranking_rules_are_refused():
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="saliency"):
+        plan_isa(q, q, q, 20, 40, block_size=16, saliency="mean")
+    with pytest.raises(ValueError, match="sharpness"):
+        plan_isa(q, q, q, 20, 40, block_size=16, sharpness="entropy")
 
 
 # ---------------------------------------------------------------- reference against exact attention
@@ -215,6 +325,13 @@ def blockwise_constant_qkv(n, d, size, seed):
     k = (2 * torch.randn(1, 2, n_blocks, d, generator=g))[:, :, block_of]
     v = torch.randn(1, 2, n_blocks, d, generator=g)[:, :, block_of]
     return torch.randn(1, 2, n, d, generator=g), k, v
+
+
+@pytest.mark.parametrize("tiling", ["segment", "grid"])
+def test_reference_with_everything_kept_and_exact_is_softmax_attention_for_either_tiling(tiling):
+    q, k, v = structured_qkv(1, 2, 157, 32, 16, seed=41)
+    out = isa_reference(q, k, v, 37, 120, block_size=16, alpha_s=1.0, alpha_f=1.0, alpha_ns=0.0, tiling=tiling)
+    assert rel_l2(out, exact_attention(q, k, v)) <= 1e-5
 
 
 @pytest.mark.parametrize("alphas", [(1.0, 0.0, 0.0), (1.0, 0.5, 0.0625), (1.0, 0.0, 0.3)])
@@ -324,6 +441,25 @@ def test_triton_matches_reference_in_the_interpreter(batch, n, d, size, ctx, dty
 
 
 @needs_triton
+@pytest.mark.parametrize("saliency, sharpness, tiling", [("logit_mean", "variance", "segment"),
+                                                         ("softmax_mass", "topk_mass", "segment"),
+                                                         ("softmax_mass", "variance", "grid"),
+                                                         ("logit_mean", "topk_mass", "grid")])
+def test_triton_matches_reference_under_each_ranking_rule(saliency, sharpness, tiling):
+    """Odd sizes (partial blocks both sides of the context, d 40): the rules and the tiling change the plan
+    only, and the kernel follows whatever plan it is given (the split path too)."""
+    from longedit.kernels.isa import isa_attention_triton
+
+    q, k, v = structured_qkv(1, 3, 301, 40, 16, seed=31)
+    plan = plan_isa(q, k, v, 109, 300, block_size=16, alpha_s=0.3, alpha_f=0.4, alpha_ns=0.15,
+                    saliency=saliency, sharpness=sharpness, tiling=tiling)
+    assert len(plan.layout.context_partial) == (2 if tiling == "grid" else 1)
+    assert rel_l2(isa_attention_split(q, k, v, plan, taylor="torch"), isa_attention_reference(q, k, v, plan)) <= 1e-5
+    assert plan.sharp_blocks.numel() and plan.taylor_blocks.numel()
+    assert rel_l2(isa_attention_triton(q, k, v, plan), isa_attention_reference(q, k, v, plan)) <= 1e-5
+
+
+@needs_triton
 @pytest.mark.parametrize("pair", [1, 2])
 @pytest.mark.parametrize("alpha_ns", [0.1, 0.2])
 def test_triton_tiles_of_one_or_two_kv_blocks_match_reference(pair, alpha_ns):
@@ -347,7 +483,8 @@ def test_triton_tensor_descriptor_loads_match_reference(sharp):
 
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in structured_qkv(1, 2, 333, 32, 16, seed=12))
     plan = plan_isa(q, k, v, 117, 333, block_size=16, alpha_s=0.5, alpha_f=0.4, alpha_ns=0.2)
-    assert (plan.layout.count < 16).sum() == 2  # partial blocks at the end of both segments
+    # grid tiling: partial blocks at the end of both segments and at the start of the context
+    assert (plan.layout.count < 16).sum() == 3
     out = isa_attention_triton(q, k, v, plan, sharp=sharp, config={"TMA": True, "BLOCK_P": 16},
                                out=isa_attention_reference(q, k, v, plan) if not sharp else None)
     assert rel_l2(out, isa_attention_reference(q, k, v, plan)) <= 1e-5
