@@ -59,9 +59,10 @@ def plan_isa_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: 
     pooled = None
     if pool_in_triton and use_triton(q) and all(x.stride(-1) == 1 for x in (q, k, v)) and q.shape == k.shape == v.shape:
         from .isa import pool_qkv_triton
-        from .isa_reference import DEFAULT_BLOCK_SIZE, block_layout
+        from .isa_reference import DEFAULT_BLOCK_SIZE, DEFAULT_TILING, block_layout
 
-        layout = block_layout(q.shape[2], ctx_start, ctx_end, ratios.get("block_size", DEFAULT_BLOCK_SIZE), q.device)
+        layout = block_layout(q.shape[2], ctx_start, ctx_end, ratios.get("block_size", DEFAULT_BLOCK_SIZE), q.device,
+                              ratios.get("tiling", DEFAULT_TILING))
         pooled = pool_qkv_triton(q, k.to(q.dtype), v.to(q.dtype), layout)
     return plan_isa(q, k, v, ctx_start, ctx_end, pooled=pooled, **ratios)
 
