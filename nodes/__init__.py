@@ -8,6 +8,7 @@ from .adaflow_invert import AdaFlowInvert
 from .adaflow_keyframes import AdaFlowKeyframeSelection
 from .adaflow_propagation import AdaFlowLatentPropagation
 from .isa_attention import IsaSparseAttention
+from .scale import SpreadOverGpus
 from .video_encode import EncodeLongVideo
 from .video_load import LoadLongVideo
 from .video_save import DecodeSaveLongVideo, SaveLongVideo
@@ -16,4 +17,5 @@ from .video_save import DecodeSaveLongVideo, SaveLongVideo
 class LongEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo, AdaFlowKeyframeSelection,
-                AdaFlowInvert, AdaFlowKeyframeEditing, AdaFlowLatentPropagation, IsaSparseAttention]
+                AdaFlowInvert, AdaFlowKeyframeEditing, AdaFlowLatentPropagation, IsaSparseAttention,
+                SpreadOverGpus]
