@@ -131,6 +131,10 @@ class ChunkWorker:
     def ready(self) -> int:
         return os.getpid()
 
+    def gpu_peak(self) -> int:
+        """Peak bytes torch allocated on this actor's GPU (0 on the CPU): for benchmarks."""
+        return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
     def denoise(self, step: int, records: list, group: np.ndarray, current: torch.Tensor,
                 sigma: torch.Tensor) -> torch.Tensor:
         """`records` is [ObjectRef] (a list, so Ray leaves it unresolved): fetched once per step, not per chunk."""
@@ -211,6 +215,10 @@ class WorkerPool:
         queue.lose(actor)
         for ref in [r for r, (_, a) in pending.items() if a == actor]:
             del pending[ref]
+
+    def gpu_peaks(self) -> list[int]:
+        """Each live actor's peak GPU allocation so far."""
+        return self.ray.get([self.actors[i].gpu_peak.remote() for i in self.live])
 
     def close(self) -> None:
         """Stop every actor (Cancel, failure, or the end of the run): their GPU memory is freed now."""
