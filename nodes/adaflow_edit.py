@@ -25,6 +25,7 @@ from ..core.schedule import step_index
 from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
 from .comfy_glue import Progress, card_memory, check_sd_unet, resume_dir, scratch_dir
+from ..core.scale.pool import dispatch_frames
 from .scale import records_payload, scale_options, start_pool
 
 WRAPPER_KEY = "longedit_adaflow"
@@ -289,10 +290,15 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
     branches = sum(1 for key in ("positive", "negative") if guider.conds.get(key))
     progress = Progress(steps * frames)
 
+    pool = spread_pool(guider, state, options, seed) if first_step < steps else None
+
     def passes(step: int):
         sigma = float(sigmas[step])
         chunk = chunk_size(guider.model_patcher, branches, x.shape[1:])
-        return passes_of_step(frames, editor.keyframes(editor.inversion.step_of(sigma)), chunk)
+        keyframes = editor.keyframes(editor.inversion.step_of(sigma))
+        if pool is not None:  # chunks for the actors (each splits its chunk again to fit its own memory)
+            chunk = dispatch_frames(frames - len(keyframes), len(pool.live), chunk)
+        return passes_of_step(frames, keyframes, chunk)
 
     def denoise(group, current, sigma):
         state["call_frames"] = group
@@ -312,7 +318,6 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
 
     if first_step and callback is not None:
         progress.update(first_step * frames)
-    pool = spread_pool(guider, state, options, seed) if first_step < steps else None
     try:
         spread = None if pool is None else (lambda step, groups, inputs: pool.denoise_chunks(
             step, records_payload(editor), groups, inputs, progress.check))

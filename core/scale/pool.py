@@ -121,9 +121,11 @@ class Prelude:
 class ChunkWorker:
     """The body of one Ray actor: the host's model, built once, and the latest step's records."""
 
-    def __init__(self, prelude: Prelude, build: bytes):
+    def __init__(self, prelude: Prelude, build: bytes, gpu_share: float = 1.0):
         from ray import cloudpickle
 
+        if 0 < gpu_share < 1 and torch.cuda.is_available():
+            keep_to_gpu_share(gpu_share)
         prelude.run()
         self.model = cloudpickle.loads(build)()
         self.step = None
@@ -146,6 +148,26 @@ class ChunkWorker:
         return self.model.denoise(group, current, sigma).cpu()
 
 
+def keep_to_gpu_share(share: float) -> None:
+    """Actors sharing a GPU: each may allocate only its share, and sees free memory within it (hosts size
+    their chunks from free memory; two actors reading the same free figure at once would both take it)."""
+    total = torch.cuda.mem_get_info()[1]
+    torch.cuda.set_per_process_memory_fraction(share)
+    real = torch.cuda.mem_get_info
+
+    def mem_get_info(device=None):
+        free, _ = real(device)
+        return min(free, max(0, int(share * total) - torch.cuda.memory_reserved(device))), int(share * total)
+
+    torch.cuda.mem_get_info = mem_get_info
+
+
+def dispatch_frames(frames_left: int, workers: int, memory_chunk: int, per_worker: int = 4) -> int:
+    """Frames per chunk sent to an actor: what the memory allows, but small enough that every actor gets about
+    `per_worker` chunks per step, so a step's end is not one actor finishing a large last chunk alone."""
+    return max(1, min(int(memory_chunk), -(-int(frames_left) // (max(1, workers) * per_worker))))
+
+
 def actor_resources(ray, workers: int) -> dict:
     """One CPU per actor; a GPU each, or an equal share when the cluster has fewer GPUs than actors."""
     gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -160,7 +182,8 @@ class WorkerPool:
             ChunkWorker)
         # one copy of the model in the object store, whatever the actor count
         shared = self.ray.put(self.ray.cloudpickle.dumps(build))
-        self.actors = [actor.remote(prelude, shared) for _ in range(int(options.workers))]
+        share = actor_resources(self.ray, options.workers)["num_gpus"]
+        self.actors = [actor.remote(prelude, shared, share) for _ in range(int(options.workers))]
         self.lost: list[int] = []
         try:
             self.pids = self.ray.get([a.ready.remote() for a in self.actors])

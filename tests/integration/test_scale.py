@@ -5,7 +5,8 @@ the middle of a step (its chunks rerun on the other), and Cancel stops every wor
 tests/unit/test_scale_ray.py.)
 
 Runs ComfyUI in-process (COMFYUI_VENV's Python, with Ray) on the CPU with a small random-weight SD2.x UNet
-of the real architecture, 19 frames in 3 clips, non-keyframes in chunks of 3 frames."""
+of the real architecture, 19 frames in 3 clips, non-keyframes in chunks of 2 frames (the one process and the
+workers get the same chunks: batched convolutions and matmuls of other batch sizes round differently)."""
 import os
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from longedit_pack.nodes.adaflow_propagation import propagate_from_keyframes
 
 torch.set_grad_enabled(False)
 torch.manual_seed(0)
-FRAMES, STEPS, CHUNK = 19, 2, 3
+FRAMES, STEPS, CHUNK = 19, 2, 2
 unet = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
             adm_in_channels=None, dtype=torch.float32, in_channels=4, model_channels=64, num_res_blocks=[2, 2, 2, 2],
             transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
@@ -97,17 +98,15 @@ def sample(gpus):
 
 one = sample(0)
 assert not pools
-two = sample(2)
-assert len(pools) == 1 and len(set(pools[0].pids)) == 2 and os.getpid() not in pools[0].pids
-assert pools[0].actors == [], "the workers outlived the run"
-assert torch.equal(two, one), (two - one).abs().max()
-print(f"2 workers == 1 process, bit for bit ({FRAMES} frames, {STEPS} steps, |x| max {one.abs().max():.3g})")
-
 hooks["do"] = lambda pool: os.kill(pool.pids[0], signal.SIGKILL)  # a worker dies as step 2's chunks go out
-killed = sample(2)
-assert pools[-1].lost == [0], pools[-1].lost
-assert "do" not in hooks and torch.equal(killed, one), (killed - one).abs().max()
-print("a worker killed mid-step: its chunks rerun on the other, same bits")
+two = sample(2)
+pool = pools[-1]
+assert len(pools) == 1 and len(set(pool.pids)) == 2 and os.getpid() not in pool.pids
+assert pool.actors == [], "the workers outlived the run"
+assert "do" not in hooks and pool.lost == [0], pool.lost
+assert torch.equal(two, one), (two - one).abs().max()
+print(f"2 workers == 1 process, bit for bit ({FRAMES} frames, {STEPS} steps, |x| max {one.abs().max():.3g}), with "
+      "a worker killed as step 2's chunks went out (its chunks rerun on the other)")
 
 
 def press_cancel(pool):
@@ -136,7 +135,7 @@ print("OK")
 '''
 
 
-def test_two_ray_workers_sample_the_one_process_edit():
+def test_two_ray_workers_sample_the_one_process_edit_even_when_one_dies_and_stop_on_cancel():
     root = os.environ.get("COMFYUI_PATH")
     if not root or not (Path(root) / "main.py").exists():
         pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")

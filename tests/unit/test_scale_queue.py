@@ -50,3 +50,13 @@ def test_with_every_worker_lost_the_queue_is_not_finished():
     queue = ChunkQueue(5, ["a", "b"], depth=1)
     applied = drain(queue, {0: "a", 1: "b"}, np.random.default_rng(1))
     assert not queue.finished and not queue.workers and len(applied) < 5
+
+
+def test_dispatch_chunks_give_every_worker_several_but_never_exceed_memory():
+    from longedit.core.scale.pool import dispatch_frames
+
+    for left, workers, memory in ((9996, 2, 400), (9996, 8, 5000), (16, 2, 3), (5, 4, 100), (1, 3, 7)):
+        chunk = dispatch_frames(left, workers, memory)
+        assert 1 <= chunk <= memory
+        chunks = -(-left // chunk)
+        assert chunk == memory or chunks >= min(left, 4 * workers), (left, workers, memory, chunk, chunks)
