@@ -9,6 +9,7 @@ OUR_NODES = {
     "LongEditAdaFlowKeyframeEditing": "AdaFlow Keyframe Editing",
     "LongEditAdaFlowLatentPropagation": "AdaFlow Latent Propagation",
     "LongEditIsaSparseAttention": "ISA Sparse Attention",
+    "LongEditSpreadOverGpus": "Spread Edit over GPUs (Ray)",
 }
 
 

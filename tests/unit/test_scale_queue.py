@@ -60,3 +60,18 @@ def test_dispatch_chunks_give_every_worker_several_but_never_exceed_memory():
         assert 1 <= chunk <= memory
         chunks = -(-left // chunk)
         assert chunk == memory or chunks >= min(left, 4 * workers), (left, workers, memory, chunk, chunks)
+
+
+def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
+    import sys
+
+    import pytest
+
+    from longedit.core.errors import LongEditError
+    from longedit.core.scale.pool import ScaleOptions, connect
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(LongEditError, match=r"pip install longedit\[ray\]"):
+        connect(ScaleOptions(workers=2))
+    with pytest.raises(LongEditError, match="gpus must be at least 1"):
+        ScaleOptions(workers=0)
