@@ -23,6 +23,10 @@ prints the table of rows gathered by earlier runs (e.g. from several 10-minute d
 (--steps 50, --inversion-steps 100), and times every node: load, read+encode, keyframes, inversion, sampling,
 decode+write. Its table gives each stage's cost per frame (per frame and step for inversion and sampling) and
 projects the wall time of longer runs (--project) from them.
+--gpus 1,2 also runs the adaflow rows spread over that many Ray actors (Spread Edit over GPUs; a local Ray
+cluster on this machine's GPUs, actors sharing them when fewer): ms per frame per step after the actors
+started, the actors' start time, speedup and scaling efficiency against the 1-GPU row (t1 / (N * tN)), and
+each actor's and the sampling process's GPU peak.
 
 Run:  python bench/long_edit.py --comfy /tmp/comfyui --frames 1000,10000 --gpu-memory 8,12 --modes floor,adaflow
       python bench/long_edit.py --e2e --comfy /tmp/comfyui --frames 200,500 --project 1000,10000
@@ -210,6 +214,8 @@ def child(args) -> None:
                                 folder=os.path.join(folder, "inversion"), source_context=context, device=device)
         t2 = time.perf_counter()
         patched = propagate_from_keyframes(patch_model(model, inversion, plan, 0.8, 0.8, budget), plan)
+        spread = spread_over(patched, args.gpus, result) if args.gpus > 1 else None
+        patched = patched if spread is None else spread
         memory_plan = card_plan(patched, inversion, plan)
         print(memory_plan.describe(), flush=True)
         result.update(plan_gpu=memory_plan.gpu.peak_bytes, plan_offloads=memory_plan.gpu.offloads,
@@ -354,10 +360,58 @@ def print_e2e(rows: list[dict], project: list[int], steps: int, inversion_steps:
               + f"; fixed {rate['load']:.1f} s")
 
 
-def run(args, frames: int, mode: str, card: float, vram: str) -> dict:
+def spread_over(patched, gpus: int, result: dict):
+    """The model with Spread Edit over GPUs set; records the actors' start time and GPU peaks into `result`."""
+    import longedit.nodes.adaflow_edit as edit_node
+    from longedit.nodes.scale import with_scale
+
+    start_pool = edit_node.start_pool
+
+    def timed_pool(*a):
+        t0 = time.perf_counter()
+        pool = start_pool(*a)
+        result["pool_start_s"] = time.perf_counter() - t0
+        close = pool.close
+
+        def close_with_peaks():
+            if pool.actors:
+                result["worker_gpu_peaks"] = pool.gpu_peaks()
+            result["workers_lost"] = len(pool.lost)
+            close()
+
+        pool.close = close_with_peaks
+        return pool
+
+    edit_node.start_pool = timed_pool
+    result["gpus"] = gpus
+    return with_scale(patched, gpus)
+
+
+def print_spread(rows: list[dict]) -> None:
+    """Rows run with --gpus: ms per frame per step once the actors run, against the 1-GPU row of that length."""
+    spread = [r for r in rows if r.get("gpus", 1) > 1 and "error" not in r]
+    if not spread:
+        return
+    ones = {(r["frames"], r.get("card")): r for r in rows
+            if r["mode"] == "adaflow" and r.get("gpus", 1) == 1 and "error" not in r}
+    print("\nspread over GPUs (Ray actors): frames | GPUs | ms per frame per step | actors start s | speedup | "
+          "scaling efficiency | sampling process GPU peak GiB | per-actor GPU peak GiB")
+    print("--- | --- | --- | --- | --- | --- | --- | ---")
+    for r in sorted(spread, key=lambda r: (r["frames"], r["gpus"])):
+        per = (r["sample_s"] - r.get("pool_start_s", 0)) / (r["frames"] * STEPS)
+        one = ones.get((r["frames"], r.get("card")))
+        base = one["sample_s"] / (one["frames"] * STEPS) if one else None
+        speed = f"{base / per:.2f}x | {base / per / r['gpus']:.0%}" if base else "- | -"
+        peaks = ", ".join(f"{p / 2**30:.2f}" for p in r.get("worker_gpu_peaks", []))
+        print(f"{r['frames']:,} | {r['gpus']} | {per * 1000:.2f} | {r.get('pool_start_s', 0):.1f} | {speed} | "
+              f"{r['sample_gpu_peak'] / 2**30:.2f} | {peaks}")
+
+
+def run(args, frames: int, mode: str, card: float, vram: str, gpus: int = 1) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(frames), "--mode", mode, "--comfy", args.comfy,
            "--height", str(args.height), "--width", str(args.width), "--workdir", args.workdir,
-           "--card", str(card), "--vram", vram] + (["--records-on-disk"] if args.records_on_disk else [])
+           "--card", str(card), "--vram", vram, "--gpus", str(gpus)] + (
+               ["--records-on-disk"] if args.records_on_disk else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("LongEdit plan"):
@@ -394,6 +448,7 @@ def table_row(r: dict, floors: dict) -> str:
 
 
 def print_table(rows: list[dict], width: int, height: int) -> None:
+    spread, rows = rows, [r for r in rows if r.get("gpus", 1) == 1]  # --gpus rows have their own table
     floors = {(r.get("card"), r.get("vram")): r["sample_s"] / (r["frames"] * STEPS)
               for r in rows if r["mode"] == "floor" and "error" not in r}
     print(f"\nlong edit, {STEPS} denoising steps, {width}x{height}, SD2.1 fp16 random weights")
@@ -402,6 +457,7 @@ def print_table(rows: list[dict], width: int, height: int) -> None:
     for r in sorted(rows, key=lambda r: (r.get("card") or 1e9, r.get("vram", ""), r["frames"], r["mode"])):
         print(table_row(r, floors))
     print_projection(rows)
+    print_spread(spread)
 
 
 def print_projection(rows: list[dict], frames: int = 100_000) -> None:
@@ -456,12 +512,15 @@ def main() -> int:
     ap.add_argument("--inversion-steps", type=int, default=100, help="--e2e: DDIM inversion steps")
     ap.add_argument("--project", default="1000,10000", help="--e2e: frame counts to project the wall time to")
     ap.add_argument("--e2e-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gpus", default="1", help="adaflow rows also spread over these many Ray actors, e.g. 1,2 "
+                                                "(Spread Edit over GPUs; needs Ray)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="adaflow", help=argparse.SUPPRESS)
     ap.add_argument("--card", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--vram", default="normal", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        args.gpus = int(args.gpus)
         child(args)
         return 0
     if args.e2e_child:
@@ -491,11 +550,12 @@ def main() -> int:
         for vram in args.vram_modes.split(","):
             gone = set()  # modes that ran out of memory stop growing
             for frames in [int(x) for x in args.frames.split(",")]:
-                for mode in args.modes.split(","):
+                spread = [int(g) for g in args.gpus.split(",") if int(g) > 1]
+                for mode, gpus in [(m, 1) for m in args.modes.split(",")] + [("adaflow", g) for g in spread]:
                     if mode in gone:
                         continue
-                    print(f"run: {mode} {frames} frames, card {card:g} GiB, {vram} ...", flush=True)
-                    r = run(args, frames, mode, card, vram)
+                    print(f"run: {mode} {frames} frames, card {card:g} GiB, {vram}, {gpus} GPU(s) ...", flush=True)
+                    r = run(args, frames, mode, card, vram, gpus)
                     if r.get("error") == "OOM":
                         gone.add(mode)
                     rows.append(r)

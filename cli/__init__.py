@@ -8,13 +8,15 @@ workflow fails to validate or run, 2 on a usage error, 130 when interrupted, eac
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from .report import Reporter
 from .workflow_format import NOTE_TYPES, with_api_values
 from .workflows import (CliError, apply_assignment, builtin_names, find_node, load_workflow, needs_sample,
-                        parse_assignment, require_positive_prompt, set_positive_prompt, set_video, video_loaders)
+                        parse_assignment, require_positive_prompt, set_positive_prompt, set_video, spread_over_gpus,
+                        video_loaders)
 
 EXAMPLES = """examples:
   python -m longedit run adaflow_long_video_edit --video clip.mp4 --prompt "a watercolor painting"
@@ -45,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="set an input; NODE is a node id or title (repeatable)")
     run.add_argument("--server", metavar="URL", help="run on this ComfyUI (e.g. http://127.0.0.1:8188) instead of "
                                                      "in this process")
+    run.add_argument("--gpus", type=int, default=1, metavar="N",
+                     help="spread the AdaFlow edit's sampling over N GPUs (Ray actors; needs `pip install "
+                          "longedit[ray]` in ComfyUI's Python)")
+    run.add_argument("--ray-address", default="", metavar="ADDR",
+                     help="with --gpus: a running Ray cluster (e.g. auto, ray://head:10001) instead of a local one")
     run.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's log (INFO)")
     return parser
 
@@ -55,6 +62,8 @@ def check_early(prompt: dict, assignments, args) -> None:
         find_node(prompt, a.node)
     if args.prompt is not None:
         require_positive_prompt(prompt)
+    if args.gpus != 1 or args.ray_address:
+        spread_over_gpus(json.loads(json.dumps(prompt)), args.gpus, args.ray_address)  # a copy: checked only
     if args.video is not None and not video_loaders(prompt):
         raise CliError("--video: this workflow has no video loader (Load Video (LongEdit) or Load Video)")
 
@@ -97,6 +106,8 @@ def execute(workflow, assignments, args, backend) -> int:
         apply_assignment(prompt, a, object_info)
     if args.prompt is not None:
         set_positive_prompt(prompt, args.prompt)
+    if args.gpus != 1 or args.ray_address:
+        spread_over_gpus(prompt, args.gpus, args.ray_address)
     report = Reporter(prompt)
     if video_loaders(prompt):
         if args.video is not None:

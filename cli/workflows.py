@@ -10,6 +10,8 @@ from .workflow_format import WorkflowError, input_specs, ui_to_api
 BUILTIN = Path(__file__).resolve().parents[1] / "workflows"
 SAMPLE_VIDEO = "longedit_sample.mp4"  # the name the shipped workflows load; written on demand
 VIDEO_LOADERS = {"LongEditLoadVideo": "video", "LoadVideo": "file"}  # node type -> its file input
+ADAFLOW_MODEL_NODES = ("LongEditAdaFlowKeyframeEditing", "LongEditAdaFlowLatentPropagation")
+SPREAD_NODE = "LongEditSpreadOverGpus"
 
 
 class CliError(Exception):
@@ -207,3 +209,30 @@ def write_sample(path: Path) -> None:
     write_sample_video(str(partial), frames=96, width=336, height=192, fps=24, audio_seconds=4.0,
                        scene_cuts=[32, 64], container="mp4")
     os.replace(partial, path)
+
+
+def spread_over_gpus(prompt: dict, gpus: int, address: str = "") -> list[str]:
+    """--gpus / --ray-address: put Spread Edit over GPUs (Ray) between the AdaFlow-patched MODEL and whatever
+    samples with it; returns the new node ids. Nodes that patch the model further (Latent Propagation after
+    Keyframe Editing) keep their input: the option goes on the last model of the chain."""
+    if gpus < 1:
+        raise CliError(f"--gpus {gpus}: give 1 or more")
+    patched = {i for i, e in prompt.items() if e["class_type"] in ADAFLOW_MODEL_NODES}
+    if not patched:
+        raise CliError("--gpus/--ray-address: this workflow has no AdaFlow Keyframe Editing node; only AdaFlow "
+                       "edits spread over GPUs")
+    added, spread_of = [], {}
+    for node_id, entry in list(prompt.items()):
+        if entry["class_type"] in ADAFLOW_MODEL_NODES or entry["class_type"] == SPREAD_NODE:
+            continue
+        for name, link in entry["inputs"].items():
+            if isinstance(link, list) and link[0] in patched and link[1] == 0:
+                if link[0] not in spread_of:
+                    new_id = str(max((int(i) for i in prompt if i.isdigit()), default=0) + 1)
+                    prompt[new_id] = {"class_type": SPREAD_NODE, "inputs": {
+                        "model": [link[0], 0], "gpus": int(gpus), "ray_address": address},
+                        "_meta": {"title": f"Spread Edit over {gpus} GPUs (--gpus)"}}
+                    spread_of[link[0]] = new_id
+                    added.append(new_id)
+                entry["inputs"][name] = [spread_of[link[0]], 0]
+    return added

@@ -9,6 +9,7 @@ from .adaflow_keyframes import AdaFlowKeyframeSelection
 from .adaflow_propagation import AdaFlowLatentPropagation
 from .isa_attention import IsaSparseAttention
 from .liveditor import Liveditor, PadFramesForWan, TrimFramesToVideo
+from .scale import SpreadOverGpus
 from .video_encode import EncodeLongVideo
 from .video_load import LoadLongVideo
 from .video_save import DecodeSaveLongVideo, SaveLongVideo
@@ -18,4 +19,4 @@ class LongEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo, AdaFlowKeyframeSelection,
                 AdaFlowInvert, AdaFlowKeyframeEditing, AdaFlowLatentPropagation, IsaSparseAttention,
-                Liveditor, PadFramesForWan, TrimFramesToVideo]
+                Liveditor, PadFramesForWan, TrimFramesToVideo, SpreadOverGpus]

@@ -25,6 +25,8 @@ from ..core.schedule import step_index
 from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
 from .comfy_glue import Progress, card_memory, check_sd_unet, resume_dir, scratch_dir
+from ..core.scale.pool import dispatch_frames
+from .scale import records_payload, scale_options, start_pool
 
 WRAPPER_KEY = "longedit_adaflow"
 SPANNED_CLIPS = 2  # clips one chunk of (sorted) frames spans, but for chunks longer than a clip
@@ -288,10 +290,15 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
     branches = sum(1 for key in ("positive", "negative") if guider.conds.get(key))
     progress = Progress(steps * frames)
 
+    pool = spread_pool(guider, state, options, seed) if first_step < steps else None
+
     def passes(step: int):
         sigma = float(sigmas[step])
         chunk = chunk_size(guider.model_patcher, branches, x.shape[1:])
-        return passes_of_step(frames, editor.keyframes(editor.inversion.step_of(sigma)), chunk)
+        keyframes = editor.keyframes(editor.inversion.step_of(sigma))
+        if pool is not None:  # chunks for the actors (each splits its chunk again to fit its own memory)
+            chunk = dispatch_frames(frames - len(keyframes), len(pool.live), chunk)
+        return passes_of_step(frames, keyframes, chunk)
 
     def denoise(group, current, sigma):
         state["call_frames"] = group
@@ -311,10 +318,25 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
 
     if first_step and callback is not None:
         progress.update(first_step * frames)
-    x = euler_by_passes(x, sigmas, denoise, passes, on_pass, on_step, first_step=first_step)
+    try:
+        spread = None if pool is None else (lambda step, groups, inputs: pool.denoise_chunks(
+            step, records_payload(editor), groups, inputs, progress.check))
+        x = euler_by_passes(x, sigmas, denoise, passes, on_pass, on_step, first_step=first_step, spread=spread)
+    finally:
+        if pool is not None:
+            pool.close()
     for rows in frame_blocks(frames):  # ComfyUI's output transforms, block by block in place: no second copy
         x[rows] = model.process_latent_out(model.model_sampling.inverse_noise_scaling(sigmas[-1], x[rows]))
     return x
+
+
+def spread_pool(guider, state: dict, options: dict, seed):
+    """Ray actors for this run's propagation chunks when Spread Edit over GPUs asked for more than one, else None.
+    Without a keyframe plan every frame is a keyframe: one joint pass per step, nothing to spread."""
+    scale = scale_options(options)
+    if scale is None or editor_for(state).plan is None:
+        return None
+    return start_pool(scale, guider, options, seed, CONFIG_KEY)
 
 
 RESUME_LIMIT_BYTES = 64 * 2**30  # saved sampling states kept in all; the oldest other runs' go first

@@ -27,4 +27,8 @@ if [ -n "${COMFYUI_PATH:-}" ] && [ -f "$COMFYUI_PATH/requirements.txt" ] && ! .v
   .venv/bin/python -m pip uninstall -y -q torchaudio 2>/dev/null || true
   rm -rf "$work"
 fi
+# The Spread-over-GPUs tests run Ray inside ComfyUI's own interpreter too (its workers load the pack and ComfyUI).
+if [ -n "${COMFYUI_VENV:-}" ] && ! "$COMFYUI_VENV/bin/python" -c "import ray" 2>/dev/null; then
+  "$COMFYUI_VENV/bin/python" -m pip install -q --disable-pip-version-check "$(grep -E '^ray' requirements-test.txt)"
+fi
 exec .venv/bin/python -m pytest -ra "$@"

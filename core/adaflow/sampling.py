@@ -23,6 +23,8 @@ import torch
 Denoise = Callable[[np.ndarray, torch.Tensor, torch.Tensor], torch.Tensor]
 # (step, frame indices of the step's first pass, their denoised latents, their latents before the step)
 StepDone = Callable[[int, np.ndarray, torch.Tensor, torch.Tensor], None]
+# (step, groups, group k -> (its current latents, sigmas)) -> (k, denoised) once per group, in any order
+Spread = Callable[[int, list, Callable[[int], tuple]], Iterator[tuple]]
 
 
 def passes_of_step(frames: int, keyframes: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
@@ -34,29 +36,55 @@ def passes_of_step(frames: int, keyframes: np.ndarray, chunk: int) -> Iterator[n
         yield others[i0:i0 + max(1, int(chunk))]
 
 
+def euler_update(x: torch.Tensor, group: np.ndarray, denoised: torch.Tensor, sigma, dt) -> torch.Tensor:
+    """One Euler step of the frames `group` of the state `x`, in place (the sampler's arithmetic); returns
+    the denoised estimate on x's device and dtype."""
+    index = torch.as_tensor(group, dtype=torch.long)
+    current = x.index_select(0, index)
+    denoised = denoised.to(x.device, x.dtype)
+    d = (current - denoised) / sigma
+    x.index_copy_(0, index, current + d * dt)
+    return denoised
+
+
 @torch.no_grad()
 def euler_by_passes(x: torch.Tensor, sigmas: torch.Tensor, denoise: Denoise,
                     passes: Callable[[int], Iterator[np.ndarray]], on_pass: Callable[[int, int], None] | None = None,
-                    on_step: StepDone | None = None, first_step: int = 0) -> torch.Tensor:
+                    on_step: StepDone | None = None, first_step: int = 0,
+                    spread: Spread | None = None) -> torch.Tensor:
     """Euler steps over `sigmas` on the state `x` [F, ...] (updated in place and returned), each step taken
     over the frame groups `passes(step)` yields (they must cover every frame once). `on_pass(step, frames
     done)` runs after each pass (progress, Cancel); `on_step` after each step's passes, with its first pass.
-    `first_step`: resume with `x` the state after step first_step - 1."""
+    `first_step`: resume with `x` the state after step first_step - 1. `spread`: where the groups after the
+    first are denoised elsewhere (other GPUs), in any order; each is applied as it comes back."""
     frames = x.shape[0]
     for i in range(first_step, len(sigmas) - 1):
         sigma, dt = sigmas[i], sigmas[i + 1] - sigmas[i]
         done, first = 0, None
-        for group in passes(i):
-            index = torch.as_tensor(group, dtype=torch.long)
-            current = x.index_select(0, index)
-            denoised = denoise(group, current, sigma * current.new_ones([len(group)])).to(x.device, x.dtype)
-            d = (current - denoised) / sigma
-            x.index_copy_(0, index, current + d * dt)
+        groups = iter(passes(i))
+        for group in groups:
+            current = x.index_select(0, torch.as_tensor(group, dtype=torch.long))
+            denoised = denoise(group, current, sigma * current.new_ones([len(group)]))
+            denoised = euler_update(x, group, denoised, sigma, dt)
             if first is None:
                 first = (group, denoised, current)
             done += len(group)
             if on_pass is not None:
                 on_pass(i, done)
+            if spread is not None:
+                break
+        if spread is not None:
+            rest = list(groups)
+
+            def inputs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                current = x.index_select(0, torch.as_tensor(rest[k], dtype=torch.long))
+                return current, sigma * current.new_ones([len(rest[k])])
+
+            for k, denoised in spread(i, rest, inputs):
+                euler_update(x, rest[k], denoised, sigma, dt)
+                done += len(rest[k])
+                if on_pass is not None:
+                    on_pass(i, done)
         if done != frames:
             raise ValueError(f"the passes of step {i} covered {done} of {frames} frames")
         if on_step is not None:

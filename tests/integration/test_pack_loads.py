@@ -12,6 +12,7 @@ OUR_NODES = {
     "LongEditLiveditor": "LIVEditor (in-context video edit)",
     "LongEditPadFramesForWan": "Pad Frames for Wan VAE",
     "LongEditTrimFramesToVideo": "Trim Frames to Video",
+    "LongEditSpreadOverGpus": "Spread Edit over GPUs (Ray)",
 }
 
 

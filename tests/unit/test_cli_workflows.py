@@ -8,7 +8,8 @@ import pytest
 from longedit.cli.workflow_format import (WorkflowError, check_api, socket_inputs, ui_to_api, widget_names,
                                           with_api_values)
 from longedit.cli.workflows import (VIDEO_LOADERS, CliError, apply_assignment, find_node, load_workflow,
-                                    needs_sample, parse_assignment, positive_prompt_nodes, set_video)
+                                    needs_sample, parse_assignment, positive_prompt_nodes, set_video,
+                                    spread_over_gpus)
 
 # A small /object_info in the server's own shape (required/optional, input_order, combos both ways).
 OBJECT_INFO = {
@@ -127,3 +128,26 @@ def test_shipped_ui_files_map_to_their_api_twins(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(CliError, match="not a ComfyUI workflow"):
         load_workflow(str(tmp_path / "bad.json"))
+
+
+def test_gpus_puts_the_spread_node_between_the_last_adaflow_model_and_its_sampler():
+    prompt = load_workflow("adaflow_long_video_edit").api
+    before = json.loads(json.dumps(prompt))
+    added = spread_over_gpus(prompt, 3, "ray://head:10001")
+    assert len(added) == 1
+    spread = prompt[added[0]]
+    assert spread["class_type"] == "LongEditSpreadOverGpus"
+    assert spread["inputs"] == {"model": ["11", 0], "gpus": 3, "ray_address": "ray://head:10001"}
+    assert prompt["12"]["inputs"]["model"] == [added[0], 0]  # the sampler now samples the spread model
+    for node_id, entry in before.items():  # nothing else moved: the chain edit -> propagation keeps its links
+        if node_id != "12":
+            assert prompt[node_id] == entry, node_id
+    assert {k: v for k, v in prompt["12"]["inputs"].items() if k != "model"} == \
+        {k: v for k, v in before["12"]["inputs"].items() if k != "model"}
+
+
+def test_gpus_without_an_adaflow_edit_is_refused():
+    with pytest.raises(CliError, match="no AdaFlow Keyframe Editing"):
+        spread_over_gpus(load_workflow("isa_wan_video").api, 2)
+    with pytest.raises(CliError, match="--gpus 0"):
+        spread_over_gpus(load_workflow("adaflow_long_video_edit").api, 0)

@@ -1,0 +1,251 @@
+"""Ray actors, one per GPU, each holding the patched model once, that denoise a step's propagation chunks.
+
+The host builds the model inside each actor from a picklable `build` callable (run once per actor); it returns
+an object with `set_records(step, records)` (the step's keyframe-pass outputs that propagation reads) and
+`denoise(group, current, sigma) -> denoised` (frames `group`, their latents, sigma per frame). The keyframe pass
+itself runs where the sampler runs; its records go to every actor once per step through Ray's object store.
+Results come back to the sampler, which updates its state frame by frame (core/adaflow/sampling).
+
+Faults: an actor lost mid-step (process or machine gone) has its chunks rerun on the others; with none left
+the run stops with a LongEditError. Any other failure, and Cancel (the host's `check` raising), kill every
+actor before the exception goes on. Ray is imported here only, when a pool is made.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import LongEditError
+from .queue import ChunkQueue
+
+POLL_S = 0.25  # how often Cancel is checked while waiting on the actors
+PACK_DIR = Path(__file__).resolve().parents[2]
+PACK_NAME = __name__.split(".")[0]  # the name the host imported the pack under (ComfyUI: its folder name)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as error:
+        raise LongEditError("Spreading the edit over several GPUs needs Ray, which is not installed in this Python.",
+                            "run `pip install longedit[ray]` (or `pip install ray`) in ComfyUI's Python "
+                            "environment and restart ComfyUI; or set gpus to 1.") from error
+    return ray
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleOptions:
+    workers: int  # Ray actors, one per GPU (they share GPUs when the cluster has fewer)
+    address: str = ""  # a running Ray cluster ("auto", "ray://host:10001", "host:6379"); "" starts a local one
+
+    def __post_init__(self):
+        if int(self.workers) < 1:
+            raise LongEditError(f"gpus must be at least 1, got {self.workers}.", "set gpus to 1 or more.")
+
+
+def import_path_for_workers() -> list[str]:
+    """sys.path entries that let a worker process import the pack under the name this process uses, and
+    everything the pack imports (ComfyUI's folder included). The pack may live in a folder named otherwise
+    (tests load it as `longedit` from the repository): a link named after the pack, in a fresh folder, then
+    stands for it."""
+    if PACK_DIR.name == PACK_NAME:
+        pack_parent = str(PACK_DIR.parent)
+    else:
+        pack_parent = tempfile.mkdtemp(prefix="longedit_pack_")
+        os.symlink(PACK_DIR, os.path.join(pack_parent, PACK_NAME))
+    return [pack_parent] + [os.path.abspath(p or os.getcwd()) for p in sys.path if os.path.isdir(p or os.getcwd())]
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """Environment variables set while a local cluster starts (its processes inherit them), then restored."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def connect(options: ScaleOptions):
+    """Ray, initialised: the cluster at options.address, or a local one sized for the workers (started once
+    per process and kept: later runs reuse it)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    path = os.pathsep.join(import_path_for_workers())
+    if options.address:
+        ray.init(address=options.address, runtime_env={"env_vars": {"PYTHONPATH": path}},
+                 include_dashboard=False, log_to_driver=True)
+    else:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        with environment(PYTHONPATH=path):
+            ray.init(num_cpus=int(options.workers), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
+    return ray
+
+
+@dataclasses.dataclass(frozen=True)
+class Prelude:
+    """What a worker process does before it unpickles the host's model: the command line the host was started
+    with, and functions (module, name) to call first; e.g. ComfyUI reads its options (--cpu, precision) from
+    the command line once, when its module cli_args is first imported."""
+    argv: tuple[str, ...] = ()
+    calls: tuple[tuple[str, str], ...] = ()
+
+    def run(self) -> None:
+        import importlib
+
+        saved = sys.argv
+        sys.argv = list(self.argv) or saved
+        try:
+            for module, name in self.calls:  # name "": importing the module is the point
+                loaded = importlib.import_module(module)
+                if name:
+                    getattr(loaded, name)()
+        finally:
+            sys.argv = saved
+
+
+class ChunkWorker:
+    """The body of one Ray actor: the host's model, built once, and the latest step's records."""
+
+    def __init__(self, prelude: Prelude, build: bytes, gpu_share: float = 1.0):
+        from ray import cloudpickle
+
+        if 0 < gpu_share < 1 and torch.cuda.is_available():
+            keep_to_gpu_share(gpu_share)
+        prelude.run()
+        self.model = cloudpickle.loads(build)()
+        self.step = None
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def gpu_peak(self) -> int:
+        """Peak bytes torch allocated on this actor's GPU (0 on the CPU): for benchmarks."""
+        return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+    def denoise(self, step: int, records: list, group: np.ndarray, current: torch.Tensor,
+                sigma: torch.Tensor) -> torch.Tensor:
+        """`records` is [ObjectRef] (a list, so Ray leaves it unresolved): fetched once per step, not per chunk."""
+        if step != self.step:
+            import ray
+
+            self.model.set_records(step, ray.get(records[0]) if records else None)
+            self.step = step
+        return self.model.denoise(group, current, sigma).cpu()
+
+
+def keep_to_gpu_share(share: float) -> None:
+    """Actors sharing a GPU: each may allocate only its share, and sees free memory within it (hosts size
+    their chunks from free memory; two actors reading the same free figure at once would both take it)."""
+    total = torch.cuda.mem_get_info()[1]
+    torch.cuda.set_per_process_memory_fraction(share)
+    real = torch.cuda.mem_get_info
+
+    def mem_get_info(device=None):
+        free, _ = real(device)
+        return min(free, max(0, int(share * total) - torch.cuda.memory_reserved(device))), int(share * total)
+
+    torch.cuda.mem_get_info = mem_get_info
+
+
+def dispatch_frames(frames_left: int, workers: int, memory_chunk: int, per_worker: int = 4) -> int:
+    """Frames per chunk sent to an actor: what the memory allows, but small enough that every actor gets about
+    `per_worker` chunks per step, so a step's end is not one actor finishing a large last chunk alone."""
+    return max(1, min(int(memory_chunk), -(-int(frames_left) // (max(1, workers) * per_worker))))
+
+
+def actor_resources(ray, workers: int) -> dict:
+    """One CPU per actor; a GPU each, or an equal share when the cluster has fewer GPUs than actors."""
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    return {"num_cpus": 1, "num_gpus": 0 if gpus == 0 else min(1.0, gpus / workers)}
+
+
+class WorkerPool:
+    def __init__(self, options: ScaleOptions, build: Callable[[], Any], prelude: Prelude = Prelude()):
+        """`build` is pickled here (by value where it must be) and built in each actor after `prelude`."""
+        self.ray = connect(options)
+        actor = self.ray.remote(max_restarts=0, max_task_retries=0, **actor_resources(self.ray, options.workers))(
+            ChunkWorker)
+        # one copy of the model in the object store, whatever the actor count
+        shared = self.ray.put(self.ray.cloudpickle.dumps(build))
+        share = actor_resources(self.ray, options.workers)["num_gpus"]
+        self.actors = [actor.remote(prelude, shared, share) for _ in range(int(options.workers))]
+        self.lost: list[int] = []
+        try:
+            self.pids = self.ray.get([a.ready.remote() for a in self.actors])
+        except Exception as error:
+            self.close()
+            raise LongEditError(f"The Ray workers could not load the model: {error}",
+                                "check the workers' log (ray logs) and that every node of the cluster has this "
+                                "ComfyUI and LongEdit at the same paths.") from error
+
+    @property
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.actors)) if i not in self.lost]
+
+    def denoise_chunks(self, step: int, records: Any, groups: list[np.ndarray],
+                       inputs: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                       check: Callable[[], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Denoise every group on the actors; yields (group index, denoised) once per group, as they finish.
+        `inputs(k)` gives group k's current latents and sigmas (read when the group is sent, again when resent)."""
+        ray = self.ray
+        shared = [ray.put(records)] if records is not None else []
+        queue = ChunkQueue(len(groups), self.live)
+        pending: dict = {}  # ObjectRef -> (group index, actor index)
+        try:
+            while not queue.finished:
+                for k, a in queue.hand_out():
+                    current, sigma = inputs(k)
+                    pending[self.actors[a].denoise.remote(step, shared, groups[k], current, sigma)] = (k, a)
+                if not pending:
+                    raise LongEditError(f"All {len(self.actors)} Ray workers were lost during step {step + 1}.",
+                                        "check the workers' log (ray logs: out of memory? node down?), then run "
+                                        "the edit again: it resumes from the last completed step.")
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+                if check is not None:
+                    check()
+                for ref in ready:
+                    k, a = pending.pop(ref)
+                    try:
+                        denoised = ray.get(ref)
+                    except ray.exceptions.RayActorError:
+                        self.lose(queue, a, pending)
+                        continue
+                    if queue.complete(k, a):
+                        yield k, denoised
+        except BaseException:
+            self.close()
+            raise
+
+    def lose(self, queue: ChunkQueue, actor: int, pending: dict) -> None:
+        """An actor died: its chunks go to the others; its other answers in flight are dropped."""
+        if actor not in self.lost:
+            self.lost.append(actor)
+        queue.lose(actor)
+        for ref in [r for r, (_, a) in pending.items() if a == actor]:
+            del pending[ref]
+
+    def gpu_peaks(self) -> list[int]:
+        """Each live actor's peak GPU allocation so far."""
+        return self.ray.get([self.actors[i].gpu_peak.remote() for i in self.live])
+
+    def close(self) -> None:
+        """Stop every actor (Cancel, failure, or the end of the run): their GPU memory is freed now."""
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
+        self.actors = []  # `lost` stays: which actors died during the run

@@ -1,0 +1,126 @@
+"""Spread Edit over GPUs: MODEL -> MODEL option that runs each sampling step's propagation chunks on Ray actors.
+
+The node only sets options on a clone; the pass-by-pass sampler (adaflow_edit.sample_by_passes) reads them,
+starts one actor per GPU holding the patched model, runs each step's keyframe pass itself and sends the
+step's keyframe record and the other frames' chunks to the actors (core/scale)."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..core.adaflow.records import KeyframeRecords
+from ..core.scale.pool import Prelude, ScaleOptions, WorkerPool, import_ray
+
+SCALE_KEY = "longedit_scale"
+
+
+def scale_options(model_options: dict) -> ScaleOptions | None:
+    return (model_options or {}).get("transformer_options", {}).get(SCALE_KEY)
+
+
+def with_scale(model, gpus: int, ray_address: str = ""):
+    """A clone of `model` whose AdaFlow sampling spreads over `gpus` Ray actors (1: the clone is unchanged)."""
+    options = ScaleOptions(workers=int(gpus), address=ray_address.strip())
+    patched = model.clone()
+    if options.workers > 1 or options.address:
+        import_ray()  # say now, not at sampling, that Ray is missing
+        patched.model_options.setdefault("transformer_options", {})[SCALE_KEY] = options
+    return patched
+
+
+class ChunkModel:
+    """Built inside each Ray actor, once: the patched model, the processed conditioning and the sampler's model
+    options, unpickled together (the AdaFlow hooks and the model share state), on this actor's device."""
+
+    def __init__(self, patcher, conds: dict, cfg: float, options: dict, seed, config_key: str):
+        import comfy.samplers
+
+        patcher.model.to(patcher.load_device)
+        holder = options["transformer_options"][config_key]
+        driver = holder()
+        # this actor's own AdaFlow state: same settings, its own editor (records, caches)
+        self.state = {"settings": driver["settings"], "editor": None, "latent_out": driver["latent_out"]}
+        options["transformer_options"][config_key] = self.holder
+        self.guider = comfy.samplers.CFGGuider(patcher)
+        self.guider.model_options = options
+        self.guider.inner_model, self.guider.conds, self.guider.cfg = patcher.model, conds, cfg
+        self.options, self.seed = options, seed
+
+    def holder(self) -> dict:
+        return self.state
+
+    def set_records(self, step: int, records) -> None:
+        from .adaflow_edit import editor_for
+
+        editor = editor_for(self.state)
+        if records is None:
+            editor.records = None
+            return
+        clips, layers = records
+        editor.records = KeyframeRecords(clips)
+        editor.records.layers = layers
+        editor.records.step = step
+
+    def denoise(self, group, current: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.state["call_frames"] = group
+        try:
+            return self.guider(current, sigma, model_options=self.options, seed=self.seed)
+        finally:
+            self.state["call_frames"] = None
+
+
+def records_payload(editor):
+    """What the actors need of the step's keyframe pass: its record (clips, layer -> [clips, rows, T, C])."""
+    records = editor.records
+    return None if records is None else (records.clips, records.layers)
+
+
+def comfy_prelude() -> Prelude:
+    """ComfyUI's command line (--cpu, precision, attention flags) for the workers' own ComfyUI import."""
+    import sys
+
+    import comfy.options
+
+    if not comfy.options.args_parsing:
+        return Prelude()
+    return Prelude(argv=tuple(sys.argv), calls=(("comfy.options", "enable_args_parsing"), ("comfy.cli_args", "")))
+
+
+def start_pool(options: ScaleOptions, guider, model_options: dict, seed, config_key: str) -> WorkerPool:
+    import functools
+
+    build = functools.partial(ChunkModel, guider.model_patcher, guider.conds, guider.cfg, model_options, seed,
+                              config_key)
+    return WorkerPool(options, build, comfy_prelude())
+
+
+class SpreadOverGpus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LongEditSpreadOverGpus",
+            display_name="Spread Edit over GPUs (Ray)",
+            category="LongEdit/scale",
+            description=(
+                "Runs an AdaFlow edit's sampling on several GPUs or machines: each step's keyframe pass runs here, "
+                "then the other frames' chunks run on Ray actors, one per GPU, each holding this model once; the "
+                "results come back in frame order. The output is the one-GPU output. Needs Ray "
+                "(pip install longedit[ray]) and a keyframe plan (AdaFlow Keyframe Selection)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL patched by AdaFlow Keyframe Editing (and Latent "
+                                                "Propagation): put this node after them, before the sampler."),
+                io.Int.Input("gpus", default=2, min=1, max=4096,
+                             tooltip="Number of GPUs (one Ray actor each). With fewer GPUs than actors, actors "
+                                     "share them. 1: sample in this process, as without this node."),
+                io.String.Input("ray_address", default="",
+                                tooltip="A running Ray cluster to use (e.g. 'auto', 'ray://head:10001'); empty "
+                                        "starts a local cluster on this machine's GPUs. Every node of a cluster "
+                                        "needs this ComfyUI and LongEdit at the same paths."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="A clone with the option set; the input MODEL "
+                                                                   "is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, gpus, ray_address="") -> io.NodeOutput:
+        return io.NodeOutput(with_scale(model, gpus, ray_address))

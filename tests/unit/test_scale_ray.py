@@ -1,0 +1,166 @@
+"""A sampling run spread over a local Ray cluster of 2 CPU workers (core/scale/pool) against one process and
+against a float64 transcription of the whole-batch sampler: the same output, with a worker killed mid-step,
+and a clear stop when every worker is lost or Cancel is pressed.
+
+The model is a per-frame denoiser with a propagation term: a non-keyframe's estimate reads its clip's entry
+in the step's keyframe record, so a worker that used a stale or missing record, or put a chunk in the wrong
+frames, gives another output."""
+import functools
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+    import ray  # CI installs requirements-test.txt: Ray missing there is a failure, not a skip
+else:
+    ray = pytest.importorskip("ray")
+
+from longedit.core.errors import LongEditError
+from longedit.core.adaflow.sampling import euler_by_passes, passes_of_step
+from longedit.core.scale.pool import ScaleOptions, WorkerPool, connect
+
+CLIP_STARTS = np.array([0, 5, 11, 12, 19, 23])  # 5 clips of odd sizes (one of a single frame), 23 frames
+FRAMES, STEPS, CHUNK = 23, 4, 3
+PROPAGATION = 0.25
+
+
+def clip_of(frames) -> np.ndarray:
+    return np.searchsorted(CLIP_STARTS, frames, side="right") - 1
+
+
+def keyframes_of(step: int) -> np.ndarray:
+    """One keyframe per clip, a different one each step."""
+    rng = np.random.default_rng(100 + step)
+    return np.array([rng.integers(a, b) for a, b in zip(CLIP_STARTS[:-1], CLIP_STARTS[1:])])
+
+
+class ToyModel:
+    """What a worker holds: per-frame weights (the 'model') and the step's keyframe record."""
+
+    def __init__(self, weights: np.ndarray, kill: dict | None = None):
+        self.weights = torch.from_numpy(weights)
+        self.kill = kill  # {"step", "frame", "marker"}: exit the process (once) on the chunk holding frame
+        self.records, self.step = None, None
+
+    def own(self, group, current, sigma):
+        return torch.tanh(current * self.weights[torch.as_tensor(group)]) / (1 + sigma[:, None, None])
+
+    def keyframe_pass(self, step, group, current, sigma):
+        denoised = self.own(group, current, sigma)
+        self.set_records(step, denoised.clone())  # keyframe of clip c is group[c]
+        return denoised
+
+    def set_records(self, step, records):
+        self.step, self.records = step, records
+
+    def denoise(self, group, current, sigma):
+        k = self.kill
+        if k and self.step == k["step"] and k["frame"] in group and not os.path.exists(k["marker"]):
+            open(k["marker"], "w").close()
+            os._exit(1)  # the worker process dies mid-step, its chunks in flight unanswered
+        record = self.records[torch.as_tensor(clip_of(np.asarray(group)))]
+        return self.own(group, current, sigma) + PROPAGATION * record * torch.cos(current)
+
+
+def reference(x: np.ndarray, sigmas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The whole-batch Euler sampler in float64: each step's keyframes first, the others from their record."""
+    for i in range(len(sigmas) - 1):
+        own = np.tanh(x * weights) / (1 + sigmas[i])
+        keys = keyframes_of(i)
+        denoised = own + PROPAGATION * own[keys][clip_of(np.arange(FRAMES))] * np.cos(x)
+        denoised[keys] = own[keys]
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def sample(model: ToyModel, x0: np.ndarray, sigmas: np.ndarray, pool: WorkerPool | None = None, check=None):
+    def denoise(group, current, sigma):  # the sampler's own pass: here only the keyframe pass, or all of them
+        step = int(np.nonzero(sigmas == float(sigma[0]))[0][0])
+        if np.array_equal(group, keyframes_of(step)):
+            return model.keyframe_pass(step, group, current, sigma)
+        return model.denoise(group, current, sigma)
+
+    spread = None
+    if pool is not None:
+        spread = lambda step, groups, inputs: pool.denoise_chunks(step, model.records, groups, inputs, check)
+    x = torch.from_numpy(x0.copy())
+    return euler_by_passes(x, torch.from_numpy(sigmas), denoise,
+                           lambda i: passes_of_step(FRAMES, keyframes_of(i), CHUNK), spread=spread)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    connect(ScaleOptions(workers=2))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(7)
+    return rng.normal(size=(FRAMES, 1, 1)) + rng.normal(size=(FRAMES, 3, 5)) * 0.1, \
+        rng.normal(size=(FRAMES, 3, 5)) * 4, np.append(np.geomspace(14.6, 0.3, STEPS), 0.0)
+
+
+def test_two_workers_give_the_one_process_output_bit_for_bit(cluster, problem, tmp_path):
+    weights, x0, sigmas = problem
+    one = sample(ToyModel(weights), x0, sigmas)
+    assert np.allclose(one.numpy(), reference(x0, sigmas, weights), rtol=0, atol=1e-12)
+    pool = WorkerPool(ScaleOptions(workers=2), functools.partial(ToyModel, weights))
+    try:
+        assert len(set(pool.pids)) == 2 and os.getpid() not in pool.pids
+        spread = sample(ToyModel(weights), x0, sigmas, pool)
+    finally:
+        pool.close()
+    assert torch.equal(spread, one)
+
+
+def test_a_worker_killed_mid_step_has_its_chunks_rerun_on_the_other(cluster, problem, tmp_path):
+    weights, x0, sigmas = problem
+    one = sample(ToyModel(weights), x0, sigmas)
+    marker = tmp_path / "killed"
+    kill = {"step": 2, "frame": int(np.setdiff1d(np.arange(FRAMES), keyframes_of(2))[7]), "marker": str(marker)}
+    pool = WorkerPool(ScaleOptions(workers=2), functools.partial(ToyModel, weights, kill))
+    try:
+        spread = sample(ToyModel(weights), x0, sigmas, pool)
+        assert marker.exists() and len(pool.lost) == 1  # one worker really died, in step 2
+    finally:
+        pool.close()
+    assert torch.equal(spread, one)
+
+
+def test_with_every_worker_lost_the_run_stops_with_a_clear_error(cluster, problem, tmp_path):
+    weights, x0, sigmas = problem
+    frame = int(np.setdiff1d(np.arange(FRAMES), keyframes_of(1))[0])
+    pool = WorkerPool(ScaleOptions(workers=1),
+                      functools.partial(ToyModel, weights, {"step": 1, "frame": frame, "marker": str(tmp_path / "k")}))
+    with pytest.raises(LongEditError, match="All 1 Ray workers were lost during step 2"):
+        sample(ToyModel(weights), x0, sigmas, pool)
+    assert pool.actors == []
+
+
+def test_cancel_stops_every_worker(cluster, problem):
+    weights, x0, sigmas = problem
+
+    class Cancelled(Exception):
+        pass
+
+    polls = []
+
+    def check():
+        polls.append(1)
+        if len(polls) == 3:
+            raise Cancelled
+
+    pool = WorkerPool(ScaleOptions(workers=2), functools.partial(ToyModel, weights))
+    actors = list(pool.actors)
+    with pytest.raises(Cancelled):
+        sample(ToyModel(weights), x0, sigmas, pool, check)
+    assert pool.actors == []
+    for actor in actors:  # killed, not merely left idle
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ready.remote(), timeout=30)
