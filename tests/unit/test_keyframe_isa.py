@@ -200,3 +200,21 @@ def test_slimmed_isa_through_the_model_differs_from_full_but_stays_close(setup):
     # of the tokens outright (ISA keeps each keyframe's own tokens exactly and a summary of the others)
     aas_one = semantics.reference_step(model, plan, inversion, x, context, step, propagate=True, budget=1)
     assert 100 * semantics.TOLERANCE < error < rel(aas_one.float(), full)
+
+
+def test_triton_taylor_rows_follow_the_keyframe_plan():
+    """The GPU path runs the Taylor rows in the kernels' Triton kernel from this module's restricted plan
+    (only own query blocks routed); here in Triton's interpreter, against the torch twin."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is on Linux; kernels run in its interpreter)")
+    from longedit.kernels.isa_split import isa_attention_split
+
+    frames, tokens, heads, d = 3, 63, 2, 16
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(frames, tokens, heads * d, generator=g) * gain for gain in (2.0, 1.0, 1.0))
+    settings = KeyframeSlimming(policy="isa", alpha_s=0.5, alpha_f=0.5, alpha_ns=0.25, block_size=16)
+    qs, ks, vs = (in_context_sequences(x, list(range(frames)), heads) for x in (q, k, v))
+    plan = keyframe_isa_plan(qs, ks, vs, tokens, settings)
+    assert plan.taylor_blocks.shape[-1] > 0
+    torch_rows = isa_attention_split(qs, ks, vs, plan, taylor="torch")[:, :, :tokens]
+    triton_rows = isa_attention_split(qs, ks, vs, plan, taylor="triton")[:, :, :tokens]
+    assert rel(triton_rows, torch_rows) < TOL
