@@ -43,11 +43,12 @@ def setup(comfy_dir: str):
     spec.loader.exec_module(module)
 
 
-def synthetic_plan(k: int, latent_hw: tuple[int, int]):
-    """K one-frame clips (every frame a keyframe) with random AAS scores."""
+def synthetic_plan(k: int, latent_hw: tuple[int, int], latents):
+    """K one-frame clips (every frame a keyframe) with random AAS scores, built from `latents` (the clean
+    latents Keyframe Editing checks the plan against)."""
     import torch
 
-    from longedit.core.adaflow.keyframes import AksParams, KeyframePlan, attention_levels
+    from longedit.core.adaflow.keyframes import AksParams, KeyframePlan, attention_levels, latent_fingerprint
 
     levels = attention_levels(*latent_hw)
     h1, w1 = levels[1]
@@ -56,7 +57,7 @@ def synthetic_plan(k: int, latent_hw: tuple[int, int]):
         frame_count=k, latent_size=latent_hw, levels=levels, clip_starts=np.arange(k + 1),
         candidates=np.arange(k)[:, None], matches=[np.zeros((k, 1, h * w), np.int32) for h, w in levels],
         aas_scores=rng.random((k, k, h1 * w1), dtype=np.float32).astype(np.float16),
-        fingerprint=np.zeros((k, 4), np.float32), params=AksParams(candidates_per_clip=1))
+        fingerprint=latent_fingerprint(latents), params=AksParams(candidates_per_clip=1))
 
 
 def one_step(model, k: int, hw: tuple[int, int], use_aas: bool, budget: int, slimming=None,
@@ -79,7 +80,8 @@ def one_step(model, k: int, hw: tuple[int, int], use_aas: bool, budget: int, sli
     seeded = torch.Generator().manual_seed(0)  # the same inputs for every policy compared
     context = torch.randn(1, 77, 1024, generator=seeded)
     inversion = Inversion(sigmas=sigmas, trajectory=trajectory, source_context=context)
-    plan = synthetic_plan(k, hw) if use_aas else None
+    clean = model.model.process_latent_out(torch.from_numpy(np.asarray(trajectory[-1], dtype=np.float32)))
+    plan = synthetic_plan(k, hw, clean) if use_aas else None
     patched = patch_model(model, inversion, plan, 0.8, 0.8, budget)
     if slimming is not None:  # the AdaFlow Attention Slimming node after Keyframe Editing
         from longedit.nodes.adaflow_attention import slim_keyframe_attention
