@@ -86,17 +86,17 @@ def test_keep_everything_is_exact_extended_attention(frames, tokens, route):
     assert rel(got, extended64(q, k, v)) < TOL
 
 
-@pytest.mark.parametrize("alpha_f", [0.0, 1.0])
-def test_slimmed_rows_are_isa_on_the_in_context_sequence(alpha_f):
+@pytest.mark.parametrize("alpha_f,alpha_ns", [(0.0, 0.2), (1.0, 0.2), (0.0, 0.0)])  # alpha_ns 0: one near block
+def test_slimmed_rows_are_isa_on_the_in_context_sequence(alpha_f, alpha_ns):
     frames, tokens = 4, 63
     q, k, v = keyframe_qkv(frames, tokens, seed=7)
-    settings = KeyframeSlimming(policy="isa", alpha_s=0.3, alpha_f=alpha_f, alpha_ns=0.2, block_size=16,
+    settings = KeyframeSlimming(policy="isa", alpha_s=0.3, alpha_f=alpha_f, alpha_ns=alpha_ns, block_size=16,
                                 backend="torch")
     got = keyframe_isa_attention(q, k, v, HEADS, settings, chunk_bytes=1)  # one query keyframe at a time
     for i in range(frames):
         qs, ks, vs = (by_hand_sequence(x, i) for x in (q, k, v))
         expected = isa_reference(qs, ks, vs, tokens, frames * tokens, block_size=16, alpha_s=0.3,
-                                 alpha_f=alpha_f, alpha_ns=0.2)
+                                 alpha_f=alpha_f, alpha_ns=alpha_ns)
         assert rel(got[i], rows_of(expected, tokens)) < TOL, f"keyframe {i}"
     full = extended64(q, k, v)
     assert rel(got, full) > 100 * TOL  # slimming is not exact attention
@@ -151,13 +151,29 @@ def test_pass_layout_routes_edited_branches_through_isa_and_the_source_per_frame
         assert torch.allclose(got[rows], expected, atol=0, rtol=0)
 
 
+def test_mismatched_shapes_are_refused():
+    q, k, v = keyframe_qkv(3, 20, seed=1)
+    settings = KeyframeSlimming(policy="isa", block_size=16, backend="torch")
+    for bad in ((q, k[:2], v), (q, k, v[:, :19])):
+        with pytest.raises(ValueError, match="share one shape"):
+            keyframe_isa_attention(*bad, HEADS, settings)
+
+
 def test_settings_precedence_and_validation():
     assert effective_slimming({"kv_budget": 7}) == KeyframeSlimming(policy="aas", kv_budget=7)
     explicit = KeyframeSlimming(policy="isa", alpha_f=0.25)
     assert effective_slimming({"kv_budget": 7, "slimming": explicit}) is explicit  # the node wins
-    for bad in (dict(policy="sparse"), dict(alpha_s=1.5), dict(block_size=48), dict(kv_budget=0)):
+    for bad in (dict(policy="sparse"), dict(alpha_s=1.5), dict(alpha_f=-0.01), dict(alpha_ns=1.01),
+                dict(block_size=48), dict(block_size=8), dict(block_size=96), dict(kv_budget=0),
+                dict(backend="cuda")):
         with pytest.raises(LongEditError):
             KeyframeSlimming(**bad).validate()
+    for edge in (dict(kv_budget=1), dict(block_size=16), dict(block_size=128), dict(alpha_s=0.0, alpha_f=1.0),
+                 dict(alpha_ns=1.0, alpha_f=0.0)):
+        KeyframeSlimming(**edge).validate()  # accepted
+    # defaults: AdaFlow's budget of 20 keyframes; ISA's paper ratios and block size
+    d = KeyframeSlimming()
+    assert (d.policy, d.kv_budget, d.alpha_s, d.alpha_f, d.alpha_ns, d.block_size) == ("aas", 20, 0.125, 0.5, 0.0625, 64)
 
 
 # ------------------------------------------------------------------ model level: AdaFlow's step, ISA policy
