@@ -247,7 +247,8 @@ E2E_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 E2E_STAGES = {"CheckpointLoaderSimple": "load", "CLIPTextEncode": "load", "LongEditLoadVideo": "read+encode",
               "LongEditEncodeVideo": "read+encode", "LongEditAdaFlowKeyframeSelection": "keyframes",
               "LongEditAdaFlowInvert": "inversion", "LongEditAdaFlowKeyframeEditing": "sampling",
-              "LongEditAdaFlowLatentPropagation": "sampling", "KSamplerAdvanced": "sampling",
+              "LongEditAdaFlowLatentPropagation": "sampling", "LongEditAdaFlowAttentionSlimming": "sampling",
+              "KSamplerAdvanced": "sampling", "LongEditSpreadOverGpus": "sampling",
               "LongEditDecodeSaveVideo": "decode+write"}
 E2E_ORDER = ("load", "read+encode", "keyframes", "inversion", "sampling", "decode+write", "other")
 

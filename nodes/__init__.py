@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .adaflow_attention import AdaFlowAttentionSlimming
 from .adaflow_edit import AdaFlowKeyframeEditing
 from .adaflow_invert import AdaFlowInvert
 from .adaflow_keyframes import AdaFlowKeyframeSelection
@@ -18,5 +19,5 @@ from .video_save import DecodeSaveLongVideo, SaveLongVideo
 class LongEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadLongVideo, EncodeLongVideo, DecodeSaveLongVideo, SaveLongVideo, AdaFlowKeyframeSelection,
-                AdaFlowInvert, AdaFlowKeyframeEditing, AdaFlowLatentPropagation, IsaSparseAttention,
-                Liveditor, PadFramesForWan, TrimFramesToVideo, SpreadOverGpus]
+                AdaFlowInvert, AdaFlowKeyframeEditing, AdaFlowLatentPropagation, AdaFlowAttentionSlimming,
+                IsaSparseAttention, Liveditor, PadFramesForWan, TrimFramesToVideo, SpreadOverGpus]

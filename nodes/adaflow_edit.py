@@ -16,6 +16,7 @@ from comfy_api.latest import io
 from ..core.adaflow.attention import adaflow_self_attention
 from ..core.adaflow.edit import FeatureInjection, KeyframeEditor
 from ..core.adaflow.sampling import euler_by_passes, passes_of_step
+from ..core.adaflow.slimming import effective_slimming
 from ..core.resume import Fingerprint, StepStore
 from ..core.errors import LongEditError
 from ..core.memory import frames_per_chunk
@@ -101,8 +102,9 @@ def editor_for(state: dict) -> KeyframeEditor:
     if state["editor"] is None:
         s = state["settings"]
         if "inversion" not in s:
-            raise LongEditError("AdaFlow Latent Propagation needs AdaFlow Keyframe Editing on the same MODEL.",
-                                "add AdaFlow Keyframe Editing to the model chain (before or after propagation).")
+            raise LongEditError("AdaFlow Latent Propagation and AdaFlow Attention Slimming need AdaFlow Keyframe "
+                                "Editing on the same MODEL.",
+                                "add AdaFlow Keyframe Editing to the model chain (before or after them).")
         plan, propagate = s.get("keyframes"), s.get("propagate")
         if plan is not None and propagate is not None and plan is not propagate:
             raise LongEditError("Keyframe Editing and Latent Propagation got different keyframe selections.",
@@ -111,8 +113,9 @@ def editor_for(state: dict) -> KeyframeEditor:
         inversion = s["inversion"]
         if plan is not None:  # the plan must describe these very frames, in this order
             plan.check_latents(state["latent_out"](inversion.latents_at(inversion.steps)))
-        state["editor"] = KeyframeEditor(inversion, plan, s["pnp_attn_t"], s["pnp_f_t"], s["kv_budget"],
-                                         propagate=propagate is not None)
+        slimming = effective_slimming(s)  # the Attention Slimming node's, else AAS with kv_budget
+        state["editor"] = KeyframeEditor(inversion, plan, s["pnp_attn_t"], s["pnp_f_t"], slimming.kv_budget,
+                                         propagate=propagate is not None, slimming=slimming)
     return state["editor"]
 
 
@@ -365,6 +368,7 @@ def run_key(guider, state: dict, noise, latent_image, sigmas, sampler, seed) -> 
         fp.add([plan.clip_starts, plan.candidates, plan.levels, repr(plan.params)])
         fp.add(plan.matches, sample=4096).add(plan.aas_scores, sample=4096)
     fp.add([settings.get(k) for k in ("pnp_attn_t", "pnp_f_t", "kv_budget")] + [settings.get("propagate") is not None])
+    fp.add(repr(effective_slimming(settings)))
     return fp.hex()
 
 
@@ -448,7 +452,9 @@ class AdaFlowKeyframeEditing(io.ComfyNode):
                                        "the source video."),
                 io.Int.Input("kv_budget", default=20, min=1, max=10_000,
                              tooltip="Keyframes whose full K/V every keyframe attends to. With more keyframes, AAS "
-                                     "keeps for each keyframe this many frames' worth of the most similar tokens."),
+                                     "keeps for each keyframe this many frames' worth of the most similar tokens. "
+                                     "An AdaFlow Attention Slimming node on the same MODEL (before or after this "
+                                     "one) overrides it with its own policy and budget."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched clone; the input MODEL is unchanged.")],
         )

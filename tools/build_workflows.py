@@ -130,8 +130,11 @@ def edit_nodes(*, keyframes: bool, frame_cap: int, prefix: str) -> list[dict]:
     ]
     model = (10, 0)
     if keyframes:
-        nodes.append(node(11, "LongEditAdaFlowLatentPropagation", [x[3], 390], {},
-                          {"model": (10, 0), "keyframes": (6, 0)}, size=[280, 46]))
+        # how the keyframe pass slims extended attention (its settings win over Keyframe Editing's kv_budget)
+        nodes.append(node(15, "LongEditAdaFlowAttentionSlimming", [x[3], 390], {"policy": "aas"},
+                          {"model": (10, 0)}, size=[280, 226]))
+        nodes.append(node(11, "LongEditAdaFlowLatentPropagation", [x[3], 660], {},
+                          {"model": (15, 0), "keyframes": (6, 0)}, size=[280, 46]))
         model = (11, 0)
     nodes += [
         node(12, "KSamplerAdvanced", [x[4], 0], {
@@ -155,6 +158,9 @@ LONG_NOTE = f"""## AdaFlow: edit a long video
 2. **Edit prompt**: describe the edited video.
 3. Queue, then look at **Keyframe plan** (one thumbnail per clip, ticks for keyframe candidates). A missed
    scene cut: raise `tau_mean` / `tau_region` in AdaFlow Keyframe Selection.
+
+**Attention:** AdaFlow Attention Slimming sets how the keyframes attend to each other: `aas` (AdaFlow's
+budget of `kv_budget` most similar keyframes), `isa` (sparse attention, faster with many clips), `full`.
 
 **Keep in step:** AdaFlow Invert and KSampler (Advanced) use the same `steps` and `scheduler`; the sampler stays
 `ddim` with `add_noise` disabled and `start_at_step` 0. Fewer steps (e.g. 25) halve the time.

@@ -38,8 +38,11 @@ UNIT = "tests/unit/"
 REF = "tests/reference/"
 MODULES = {
     "adaflow_attention": [UNIT + "test_adaflow_semantics.py", UNIT + "test_adaflow_edit.py",
-                          UNIT + "test_propagation.py"],
-    "adaflow_edit": [UNIT + "test_adaflow_semantics.py", UNIT + "test_adaflow_edit.py", UNIT + "test_propagation.py"],
+                          UNIT + "test_propagation.py", UNIT + "test_keyframe_isa.py"],
+    "adaflow_edit": [UNIT + "test_adaflow_semantics.py", UNIT + "test_adaflow_edit.py", UNIT + "test_propagation.py",
+                     UNIT + "test_keyframe_isa.py"],
+    "keyframe_isa": [UNIT + "test_keyframe_isa.py"],
+    "keyframe_slimming": [UNIT + "test_keyframe_isa.py"],
     "keyframes": [UNIT + "test_keyframes.py", UNIT + "test_adaflow_semantics.py", UNIT + "test_propagation.py",
                   UNIT + "test_policy_semantics.py"],
     "inversion": [UNIT + "test_adaflow_edit.py", REF + "test_inversion.py"],
@@ -49,7 +52,8 @@ MODULES = {
 # where each module lives under core/
 MODULE_FILES = {"adaflow_attention": "adaflow/attention.py", "adaflow_edit": "adaflow/edit.py",
                 "keyframes": "adaflow/keyframes.py", "inversion": "adaflow/inversion.py", "run_plan": "run_plan.py",
-                "isa_policy": "isa/policy.py"}
+                "isa_policy": "isa/policy.py", "keyframe_isa": "adaflow/keyframe_isa.py",
+                "keyframe_slimming": "adaflow/slimming.py"}
 # The keyframe-pass reference test (tests/reference/test_keyframe_pass_reference.py, ~3 min on 2 shared cores)
 # is left out of the per-mutant selection: with `--with-reference` it is added for the adaflow modules.
 KEYFRAME_REFERENCE = REF + "test_keyframe_pass_reference.py"

@@ -6,7 +6,8 @@ branch holding the same K keyframes in the same order. For every UNet self-atten
 - when PnP is on for this step and layer, the edited branches take the source branch's q and k (the
   structure of the source), keeping their own v (the appearance of the edit);
 - each edited branch's frames attend to the tokens of all its K keyframes (extended attention), or with
-  Adaptive Attention Slimming to a per-query-frame subset of them, ranked by DIFT similarity.
+  Adaptive Attention Slimming to a per-query-frame subset of them, ranked by DIFT similarity, or with ISA
+  over the in-context sequence [own tokens | other keyframes' tokens] (keyframe_isa.py).
 Everything here is plain tensors; the host (ComfyUI) installs `adaflow_self_attention` as an attn1 replace.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels import subset_attention
+from .keyframe_isa import keyframe_isa_attention
+from .slimming import KeyframeSlimming
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]  # (q, k, v, heads) -> out
 
@@ -36,6 +39,7 @@ class PassLayout:
     extended: bool = True  # edited branches attend across keyframes (False: per frame, e.g. non-keyframes)
     record: dict | None = None  # keyframe pass: layer -> its attention output [branches, K*T, C], kept
     propagate: "Propagation | None" = None  # propagation pass: take outputs from the recorded keyframes
+    isa: KeyframeSlimming | None = None  # keyframe pass slimmed by ISA (policy 'isa'); None: AAS or full
 
 
 @dataclass
@@ -100,6 +104,8 @@ def adaflow_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         elif layout.selection is not None and tokens in layout.selection:
             sel = layout.selection[tokens]
             outs.append(subset_attention(q[b], k[b].reshape(-1, k.shape[-1]), v[b].reshape(-1, v.shape[-1]), sel, heads))
+        elif layout.isa is not None and K > 1:  # one keyframe has no context to slim
+            outs.append(keyframe_isa_attention(q[b], k[b], v[b], heads, layout.isa))
         else:
             outs.append(extended_attention(q[b], k[b], v[b], heads))
     out = torch.stack(outs).view(B * K, *q.shape[2:])

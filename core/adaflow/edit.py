@@ -23,13 +23,15 @@ from .records import KeyframeRecords
 from ..errors import LongEditError
 from .inversion import Inversion
 from .keyframes import AAS_LEVEL, KeyframePlan
+from .slimming import KeyframeSlimming
 
 RunModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PassLayout], torch.Tensor]
 
 
 class KeyframeEditor:
     def __init__(self, inversion: Inversion, plan: KeyframePlan | None, pnp_attn_t: float, pnp_f_t: float,
-                 kv_budget: int, chunk_frames: int = 16, propagate: bool = False):
+                 kv_budget: int, chunk_frames: int = 16, propagate: bool = False,
+                 slimming: KeyframeSlimming | None = None):
         if propagate and plan is None:
             raise LongEditError("Latent propagation needs a keyframe plan.",
                                 "connect AdaFlow Keyframe Selection to AdaFlow Latent Propagation.")
@@ -41,7 +43,9 @@ class KeyframeEditor:
         self.plan = plan
         self.attn_steps = pnp_active_steps(inversion.steps, pnp_attn_t)
         self.conv_steps = pnp_active_steps(inversion.steps, pnp_f_t)
-        self.kv_budget = kv_budget
+        # how extended attention is slimmed; default: AAS with kv_budget (Keyframe Editing alone)
+        self.slimming = (slimming or KeyframeSlimming(policy="aas", kv_budget=kv_budget)).validate()
+        self.kv_budget = self.slimming.kv_budget
         self.chunk_frames = chunk_frames
         self.propagate = propagate
         # where the model runs; None: where the sampler's latents are. The host may keep the full-batch
@@ -61,8 +65,8 @@ class KeyframeEditor:
 
     def selection(self, step: int, device) -> dict[int, torch.Tensor] | None:
         """AAS subsets for this step's keyframes, or None when they fit the budget (full extended attention).
-        Without a keyframe plan there is no DIFT ranking, so attention stays full."""
-        if self.plan is None or self.plan.clip_count <= self.kv_budget:
+        Without a keyframe plan there is no DIFT ranking, so attention stays full; other policies never use it."""
+        if self.slimming.policy != "aas" or self.plan is None or self.plan.clip_count <= self.kv_budget:
             return None
         if self._selection_cache is None or self._selection_cache[0] != step:
             plan = self.plan
@@ -178,7 +182,8 @@ class KeyframeEditor:
         layout = PassLayout(frames=k, branches=branches + 1, has_source=True,
                             inject_qk=step < self.attn_steps, inject_conv=step < self.conv_steps,
                             selection=self.selection(step, device) if extended else None, extended=extended,
-                            record=record, propagate=propagate)
+                            record=record, propagate=propagate,
+                            isa=self.slimming if extended and self.slimming.policy == "isa" else None)
         # The host may keep the conditioning on another device than the latents (ComfyUI moves it later).
         branch_context = context[rows.to(context.device)].to(device)
         denoised = run(torch.cat([source, x[rows].to(device)]), sigma.flatten()[:1].to(device).expand(k * (branches + 1)),

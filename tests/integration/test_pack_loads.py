@@ -8,6 +8,7 @@ OUR_NODES = {
     "LongEditAdaFlowInvert": "AdaFlow Invert (DDIM)",
     "LongEditAdaFlowKeyframeEditing": "AdaFlow Keyframe Editing",
     "LongEditAdaFlowLatentPropagation": "AdaFlow Latent Propagation",
+    "LongEditAdaFlowAttentionSlimming": "AdaFlow Attention Slimming (AAS)",
     "LongEditIsaSparseAttention": "ISA Sparse Attention",
     "LongEditLiveditor": "LIVEditor (in-context video edit)",
     "LongEditPadFramesForWan": "Pad Frames for Wan VAE",

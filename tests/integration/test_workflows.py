@@ -170,6 +170,19 @@ def test_adaflow_edit_workflow_runs(comfy, sample, name):
     assert f"{FRAMES} frames" in plan["text"][0]
 
 
+def test_long_video_workflow_runs_with_isa_on_the_keyframes(comfy, sample):
+    """The shipped long-video graph with its AdaFlow Attention Slimming node switched to ISA (the policy widget),
+    blocks of 16 tokens so that this tiny latent's attention levels hold several blocks."""
+    prompt = tiny_adaflow("adaflow_long_video_edit")
+    set_inputs(prompt, "LongEditAdaFlowAttentionSlimming", policy="isa", alpha_s=0.5, block_size=16)
+    entry = comfy.run(prompt)
+    assert "rejected" not in entry, entry
+    assert execution_error(entry) is None, execution_error(entry)
+    [video] = saved_files(comfy, entry)
+    info = probe_video(str(video))
+    assert info.frame_count == FRAMES and (info.width, info.height) == (WIDTH, HEIGHT)
+
+
 def test_keyframe_preview_workflow_runs(comfy, sample):
     entry = comfy.run(tiny_adaflow("adaflow_keyframe_preview"))
     assert "rejected" not in entry, entry
