@@ -143,3 +143,16 @@ def test_ranking_rules_and_tilings_run_on_cuda_as_in_the_reference(saliency, sha
     reference = isa_attention_reference(q, k, v, plan)
     assert rel_l2(isa_attention_split(q, k, v, plan), reference) <= TOLERANCE[torch.bfloat16]
     assert rel_l2(isa_attention_triton(q, k, v, plan), reference) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("tiling", ["segment", "grid"])
+def test_fast_plan_pools_with_the_tiling_it_plans_with(tiling):
+    """plan_isa_fast's Triton pooling uses the caller's tiling: its plan equals the torch-pooled plan of that
+    tiling (a pooled layout of another tiling is refused by plan_isa, so a mix-up fails here)."""
+    from longedit.kernels import plan_isa_fast
+
+    q, k, v = structured_qkv(1, 4, 6001, 128, torch.bfloat16, seed=23)
+    fast = plan_isa_fast(q, k, v, 2990, 5990, tiling=tiling)
+    torch_pooled = plan_isa(q, k, v, 2990, 5990, tiling=tiling)
+    assert fast.kept_blocks.shape == torch_pooled.kept_blocks.shape
+    assert (fast.kept_blocks != torch_pooled.kept_blocks).float().mean() <= 0.02
