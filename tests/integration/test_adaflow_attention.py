@@ -12,22 +12,16 @@ What is checked, on a 5-frame video in at least 3 clips (one keyframe each) samp
 - without Keyframe Editing on the chain, sampling stops with an error naming it.
 """
 import os
-import subprocess
-from pathlib import Path
 
-import pytest
-
-from comfy_harness import CKPT, REPO, _comfy_python, ensure_checkpoint
+from inprocess import run_in_comfy
 
 SCRIPT = r'''
-import importlib.util, os, sys, tempfile
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
+import tempfile
+from inprocess import boot_cpu_comfy, import_pack
+boot_cpu_comfy()
 import torch, comfy.sd, comfy.sample, comfy.samplers, folder_paths
 
-spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO, "__init__.py"))
-pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
+import_pack(REPO)
 import longedit_pack.nodes.adaflow_edit as edit_node
 edit_node.resume_dir = lambda: tempfile.mkdtemp()  # every run afresh: the runs compared must all compute
 from longedit_pack.nodes.adaflow_edit import patch_model
@@ -99,6 +93,7 @@ try:
 except LongEditError as e:
     assert "Keyframe Editing" in str(e), e
 print("ERRORS", aas_error, isa_error, slimmed_error)
+print("OK")
 '''
 
 # ISA keeping everything differs from full extended attention only by float32 reassociation (the same keys in
@@ -109,16 +104,9 @@ FLOAT_TOLERANCE = 1e-4
 
 
 def test_attention_slimming_node_on_the_sd21_unet():
-    root = os.environ.get("COMFYUI_PATH")
-    if not root or not (Path(root) / "main.py").exists():
-        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")
-    python = _comfy_python(Path(root))
-    ensure_checkpoint(Path(root), python)
-    code = f"REPO = {str(REPO)!r}\nCKPT = {CKPT!r}\n" + SCRIPT
-    result = subprocess.run([python, "-c", code], cwd=root, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("ERRORS"))
+    stdout = run_in_comfy(SCRIPT, checkpoint=True,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    line = next(l for l in stdout.splitlines() if l.startswith("ERRORS"))
     print(line)  # aas (budget 1), isa keeping everything, slimmed isa: relative error vs full
     aas_error, isa_error, slimmed_error = (float(x) for x in line.split()[1:])
     assert isa_error < FLOAT_TOLERANCE, line

@@ -1,23 +1,12 @@
 """AdaFlow's patch composes with other packs' patches and leaves the input MODEL untouched (in-process)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-from comfy_harness import CKPT, REPO, _comfy_python, ensure_checkpoint
+from inprocess import run_in_comfy
 
 SCRIPT = r'''
-import importlib.util, os, sys
-import numpy as np
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
+from inprocess import boot_cpu_comfy, import_pack
+boot_cpu_comfy()
 import torch, comfy.sd, comfy.sample, comfy.samplers, folder_paths
 
-spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO, "__init__.py"))
-pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
+import_pack(REPO)
 from longedit_pack.nodes.adaflow_edit import patch_model
 import tempfile
 import longedit_pack.nodes.adaflow_edit as edit_node_module
@@ -120,11 +109,4 @@ print("OK", calls)
 
 
 def test_adaflow_composes_with_other_patches_and_keeps_the_input_model():
-    root = os.environ.get("COMFYUI_PATH")
-    if not root or not (Path(root) / "main.py").exists():
-        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")
-    python = _comfy_python(Path(root))
-    ensure_checkpoint(Path(root), python)
-    code = f"REPO = {str(REPO)!r}\nCKPT = {CKPT!r}\n" + SCRIPT
-    result = subprocess.run([python, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    run_in_comfy(SCRIPT, checkpoint=True)

@@ -8,55 +8,29 @@ Runs ComfyUI in-process (COMFYUI_VENV's Python, with Ray) on the CPU with a smal
 of the real architecture, 19 frames in 3 clips, non-keyframes in chunks of 2 frames (the one process and the
 workers get the same chunks: batched convolutions and matmuls of other batch sizes round differently)."""
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from inprocess import run_in_comfy
 
 SCRIPT = r'''
-import importlib.util, math, os, signal, sys, tempfile
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
-import numpy as np
+import os, signal, tempfile
+from inprocess import boot_cpu_comfy, import_pack, small_sd2_model
+boot_cpu_comfy()
 import torch
 import ray
 import comfy.model_management as mm
-import comfy.model_patcher, comfy.samplers, comfy.supported_models as sm
+import comfy.samplers
 
-spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO, "__init__.py"))
-pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
+import_pack(REPO)
 import longedit_pack.nodes.adaflow_keyframes as keys_node
 import longedit_pack.nodes.adaflow_invert as invert_node
 import longedit_pack.nodes.adaflow_edit as edit_node
 import longedit_pack.nodes.scale as scale_node
-from longedit_pack.core.errors import LongEditError
 from longedit_pack.nodes.adaflow_propagation import propagate_from_keyframes
 
 torch.set_grad_enabled(False)
 torch.manual_seed(0)
 FRAMES, STEPS, CHUNK = 19, 2, 2
-unet = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-            adm_in_channels=None, dtype=torch.float32, in_channels=4, model_channels=64, num_res_blocks=[2, 2, 2, 2],
-            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
-            use_temporal_resblock=False, use_linear_in_transformer=True, context_dim=64)
-config = sm.SD20(unet)
-config.set_inference_dtype(torch.float32, None)
-base = config.get_model({})
-with torch.no_grad():
-    for name, p in base.diffusion_model.named_parameters():
-        if p.numel() == 0:
-            continue
-        if p.ndim >= 2:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
-        else:
-            p.normal_(0.0, 0.02) if name.endswith("bias") else p.fill_(1.0)
-cpu = torch.device("cpu")
-model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+base, model = small_sd2_model()
 edit_node.resume_dir = lambda: tempfile.mkdtemp()  # compared runs never resume from each other
 keys_node.cache_dir = invert_node.cache_dir = lambda: tempfile.mkdtemp()
 edit_node.chunk_size = lambda *a: CHUNK  # several chunks per step to spread (the workers size their own)
@@ -136,12 +110,4 @@ print("OK")
 
 
 def test_two_ray_workers_sample_the_one_process_edit_even_when_one_dies_and_stop_on_cancel():
-    root = os.environ.get("COMFYUI_PATH")
-    if not root or not (Path(root) / "main.py").exists():
-        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")
-    python = os.path.join(os.environ["COMFYUI_VENV"], "bin", "python") if os.environ.get("COMFYUI_VENV") else sys.executable
-    code = f"REPO = {str(REPO)!r}\n" + SCRIPT
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0")
-    result = subprocess.run([python, "-c", code], cwd=root, capture_output=True, text=True, timeout=600, env=env)
-    print(result.stdout)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-6000:]
+    run_in_comfy(SCRIPT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0"))

@@ -11,28 +11,19 @@ chosen: E = max |unchunked fp32 - the same run with the model in float64|. Both 
 E of the float64 one, so they must agree within 4 E (plus one float16 ulp where the output is stored as
 float16). A chunk mixing up frames, steps or branches is off by O(1), thousands of times more.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from inprocess import run_in_comfy
 
 SCRIPT = r'''
-import copy, importlib.util, math, os, sys, tempfile
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
+import copy, os, tempfile
+from inprocess import boot_cpu_comfy, import_pack, random_init_, small_sd2_model
+boot_cpu_comfy()
 import numpy as np
 import torch
 import comfy.model_management as mm
-import comfy.model_patcher, comfy.sample, comfy.sd, comfy.supported_models as sm
+import comfy.model_patcher, comfy.sample, comfy.sd
 from comfy.ldm.models.autoencoder import AutoencoderKL
 
-spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO, "__init__.py"))
-pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
+import_pack(REPO)
 import longedit_pack.nodes.comfy_glue as glue
 import longedit_pack.nodes.adaflow_keyframes as keys_node
 import longedit_pack.nodes.adaflow_invert as invert_node
@@ -52,42 +43,17 @@ torch.set_grad_enabled(False)  # as ComfyUI runs nodes
 torch.manual_seed(0)
 FRAMES, H, W = 19, 32, 56  # 19 frames (more than 16), latents 4x7 (odd width)
 STEPS = 2
-
-
-def init_(module):
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.numel() == 0:
-                continue
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
-            else:
-                p.fill_(1.0)
-
-
-# A small SD2.x UNet (ComfyUI's SD20 config: linear transformers, 64-channel heads), random weights.
-unet = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-            adm_in_channels=None, dtype=torch.float32, in_channels=4, model_channels=64, num_res_blocks=[2, 2, 2, 2],
-            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
-            use_temporal_resblock=False, use_linear_in_transformer=True, context_dim=64)
-config = sm.SD20(unet)
-config.set_inference_dtype(torch.float32, None)
-base32 = config.get_model({})
-init_(base32.diffusion_model)
+base32, model32 = small_sd2_model()  # random weights from the global generator seeded above
 base64 = copy.deepcopy(base32)
 base64.diffusion_model.double()
 base64.diffusion_model.dtype = torch.float64
 cpu = torch.device("cpu")
-model32 = comfy.model_patcher.ModelPatcher(base32, load_device=cpu, offload_device=cpu)
 model64 = comfy.model_patcher.ModelPatcher(base64, load_device=cpu, offload_device=cpu)
 
 dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
       "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 ae = AutoencoderKL(ddconfig=dd, embed_dim=4)
-init_(ae)
+random_init_(ae)
 vae32 = comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"ddconfig": dd, "embed_dim": 4}})
 vae64 = comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"ddconfig": dd, "embed_dim": 4}})
 vae64.first_stage_model.double()
@@ -476,11 +442,4 @@ print("OK")
 
 
 def test_every_chunked_path_matches_the_unchunked_run_under_small_memory():
-    root = os.environ.get("COMFYUI_PATH")
-    if not root or not (Path(root) / "main.py").exists():
-        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")
-    python = os.path.join(os.environ["COMFYUI_VENV"], "bin", "python") if os.environ.get("COMFYUI_VENV") else sys.executable
-    code = f"REPO = {str(REPO)!r}\n" + SCRIPT
-    result = subprocess.run([python, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
-    print(result.stdout)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    run_in_comfy(SCRIPT, timeout=900)

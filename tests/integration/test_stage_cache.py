@@ -6,34 +6,23 @@ and recomputed, never used.
 Runs ComfyUI in-process on the CPU with a small random-weight SD2.x UNet (ComfyUI's SD20 config), 19 frames
 (more than 16) of 4x7 latents (odd width), clips of at most 7 frames with 3 candidates (so several clips,
 levels and candidate slots). The model's calls are counted with a forward hook on the UNet."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from inprocess import run_in_comfy
 
 SCRIPT = r'''
-import copy, importlib.util, logging, math, os, sys, tempfile
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
+import logging, os, tempfile
+from inprocess import boot_cpu_comfy, import_pack, small_sd2_model
+boot_cpu_comfy()
 import numpy as np
 import torch
 import comfy.model_management as mm
-import comfy.model_patcher, comfy.supported_models as sm
 
-spec = importlib.util.spec_from_file_location("longedit_pack", os.path.join(REPO, "__init__.py"))
-pack = importlib.util.module_from_spec(spec); sys.modules["longedit_pack"] = pack; spec.loader.exec_module(pack)
+import_pack(REPO)
 import longedit_pack.nodes.adaflow_keyframes as keys_node
 import longedit_pack.nodes.adaflow_invert as invert_node
 import longedit_pack.core.adaflow.inversion as core_inversion
 import longedit_pack.core.adaflow.keyframes as core_keyframes
 import longedit_pack.core.stage_cache as core_stage_cache
 from longedit_pack.core.resume import Fingerprint
-from longedit_pack.core.stage_cache import StageCache
 from longedit_pack.nodes.comfy_glue import add_model_identity
 
 torch.set_grad_enabled(False)
@@ -50,36 +39,7 @@ logging.getLogger().addHandler(Collect())
 logging.getLogger().setLevel(logging.INFO)
 
 
-def init_(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if p.numel() == 0:
-            continue
-        if p.ndim >= 2:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-        elif name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        else:
-            p.fill_(1.0)
-
-
-unet = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-            adm_in_channels=None, dtype=torch.float32, in_channels=4, model_channels=64, num_res_blocks=[2, 2, 2, 2],
-            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
-            use_temporal_resblock=False, use_linear_in_transformer=True, context_dim=64)
-cpu = torch.device("cpu")
-
-
-def build(seed):
-    config = sm.SD20(unet)
-    config.set_inference_dtype(torch.float32, None)
-    base = config.get_model({})
-    init_(base.diffusion_model, seed)
-    return base, comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
-
-
-base, model = build(0)
+base, model = small_sd2_model(seed=0)
 calls = []
 base.diffusion_model.register_forward_pre_hook(lambda module, args: calls.append(1))
 latents = torch.randn(FRAMES, 4, 4, 7, generator=torch.Generator().manual_seed(1)) * 5
@@ -178,7 +138,7 @@ core_stage_cache.IN_RAM_BYTES = 2**20
 print("memory-mapped results: the same bits, read from the cache file, no scratch copy kept")
 
 # ---- anything that determines the result computes afresh ----
-changed_base, changed = build(0)
+changed_base, changed = small_sd2_model(seed=0)
 with torch.no_grad():
     next(changed_base.diffusion_model.output_blocks[-1].parameters()).add_(1e-3)  # one weight tensor moved
 changed_base.diffusion_model.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -245,11 +205,4 @@ print("OK")
 
 
 def test_invert_and_keyframe_selection_are_loaded_from_the_stage_cache():
-    root = os.environ.get("COMFYUI_PATH")
-    if not root or not (Path(root) / "main.py").exists():
-        pytest.skip("integration tier: COMFYUI_PATH is not set (a ComfyUI checkout; see README 'Tests')")
-    python = os.path.join(os.environ["COMFYUI_VENV"], "bin", "python") if os.environ.get("COMFYUI_VENV") else sys.executable
-    code = f"REPO = {str(REPO)!r}\n" + SCRIPT
-    result = subprocess.run([python, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
-    print(result.stdout)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    run_in_comfy(SCRIPT, timeout=900)
