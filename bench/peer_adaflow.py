@@ -241,6 +241,24 @@ class StageClock:
                 self.stack[-1][2] += spent
 
 
+def run_as_main(script: str, on_code) -> None:
+    """Run a script as `python script` would (module __main__), handing its compiled code to `on_code` first
+    (the clock watches its functions' code objects before any of them runs)."""
+    import importlib.machinery
+    import importlib.util
+
+    class WatchedLoader(importlib.machinery.SourceFileLoader):
+        def get_code(self, fullname):
+            code = super().get_code(fullname)
+            on_code(code)
+            return code
+
+    spec = importlib.util.spec_from_loader("__main__", WatchedLoader("__main__", script))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["__main__"] = module
+    spec.loader.exec_module(module)
+
+
 def their_process(stage: str, repo: str, argv: list[str]) -> None:
     import torch
 
@@ -249,10 +267,7 @@ def their_process(stage: str, repo: str, argv: list[str]) -> None:
     os.chdir(repo)
     sys.path.insert(0, repo)
     script = os.path.join(repo, "preprocess.py" if stage == "preprocess" else "run.py")
-    with open(script) as f:
-        code = compile(f.read(), script, "exec")
     clock = StageClock()
-    clock.watch_tree(code, set(THEIR_STAGES))
     import dift_sd
     import util
 
@@ -261,7 +276,7 @@ def their_process(stage: str, repo: str, argv: list[str]) -> None:
     clock.watch(util.save_video_frames.__code__, "save_video_frames")
     clock.watch(pyav_write_video.__code__, "write_video")
     sys.argv = [script, *argv]
-    exec(code, {"__name__": "__main__", "__file__": script})
+    run_as_main(script, lambda code: clock.watch_tree(code, set(THEIR_STAGES)))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()

@@ -10,7 +10,8 @@ from .workflow_format import WorkflowError, input_specs, ui_to_api
 BUILTIN = Path(__file__).resolve().parents[1] / "workflows"
 SAMPLE_VIDEO = "longedit_sample.mp4"  # the name the shipped workflows load; written on demand
 VIDEO_LOADERS = {"LongEditLoadVideo": "video", "LoadVideo": "file"}  # node type -> its file input
-ADAFLOW_MODEL_NODES = ("LongEditAdaFlowKeyframeEditing", "LongEditAdaFlowLatentPropagation")
+ADAFLOW_MODEL_NODES = ("LongEditAdaFlowKeyframeEditing", "LongEditAdaFlowLatentPropagation",
+                       "LongEditAdaFlowAttentionSlimming")
 SPREAD_NODE = "LongEditSpreadOverGpus"
 
 

@@ -102,9 +102,11 @@ def editor_for(state: dict) -> KeyframeEditor:
     if state["editor"] is None:
         s = state["settings"]
         if "inversion" not in s:
-            raise LongEditError("AdaFlow Latent Propagation and AdaFlow Attention Slimming need AdaFlow Keyframe "
-                                "Editing on the same MODEL.",
-                                "add AdaFlow Keyframe Editing to the model chain (before or after them).")
+            present = [name for key, name in (("propagate", "AdaFlow Latent Propagation"),
+                                              ("slimming", "AdaFlow Attention Slimming")) if s.get(key) is not None]
+            raise LongEditError(f"{' and '.join(present) or 'This model'} {'need' if len(present) > 1 else 'needs'} "
+                                "AdaFlow Keyframe Editing on the same MODEL.",
+                                "add AdaFlow Keyframe Editing to the model chain (before or after it).")
         plan, propagate = s.get("keyframes"), s.get("propagate")
         if plan is not None and propagate is not None and plan is not propagate:
             raise LongEditError("Keyframe Editing and Latent Propagation got different keyframe selections.",
