@@ -3,6 +3,7 @@ by ComfyUI's own Wan loader, in-process: the patched model against a float64 for
 authors' model definition and the checkpoint tensors alone; ISA inside it; long latents in overlapping clips;
 sampling through ComfyUI's sampler with the node's conditioning; clear errors."""
 import copy
+import importlib.util
 import os
 import subprocess
 import time
@@ -265,8 +266,12 @@ def test_liveditor_workflow_runs(comfy):
                     "set LONGEDIT_HEAVY_TESTS=1 to run it (kept out of the default run so CI stays under 20 minutes)")
     from longedit.core.video.sample import write_sample_video
     from longedit.core.video.source import probe_video
-    from test_workflows import (UMT5, WAN_RAM, WAN_VAE, api, available_ram, ensure_wan_models, saved_files,
-                                set_inputs)
+    # the Wan graph's helpers (pytest imports test modules by path: --import-mode=importlib)
+    spec = importlib.util.spec_from_file_location("wan_graph_helpers", Path(__file__).with_name("test_workflows.py"))
+    graphs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graphs)
+    UMT5, WAN_RAM, WAN_VAE, api, available_ram = graphs.UMT5, graphs.WAN_RAM, graphs.WAN_VAE, graphs.api, graphs.available_ram
+    ensure_wan_models, saved_files, set_inputs = graphs.ensure_wan_models, graphs.saved_files, graphs.set_inputs
 
     root = Path(os.environ["COMFYUI_PATH"])
     ensure_wan_models(root)
