@@ -167,6 +167,8 @@ def main() -> int:
     ap.add_argument("--generators", default="gauss,struct,mixture")
     ap.add_argument("--contiguous-too", action="store_true", help="also time ours on contiguous [B, H, S, D] copies")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (set TRITON_INTERPRET=1)")
+    ap.add_argument("--alpha-s", default="", help="also time ours keeping these shares of the context blocks, "
+                                                   "e.g. 0.15,0.1875 (the default keeps 0.125, as theirs)")
     args = ap.parse_args()
     cuda = not args.cpu_smoke
     if cuda and not torch.cuda.is_available():
@@ -227,6 +229,9 @@ def main() -> int:
                       "bf16 through block pointers wrongly (float32 is right), and their kernels keep bf16 "
                       "buffers; on the GPU it would be a real failure", flush=True)
             cells["ours (isa_attention)"] = (measure(run_ours), rel(run_ours(), ref, rows))
+            for alpha_s in (float(a) for a in args.alpha_s.split(",") if a):
+                run_alpha = lambda: isa_attention(q, k, v, t_len, n, alpha_s=alpha_s)  # noqa: E731
+                cells[f"ours, alpha_s {alpha_s:g}"] = (measure(run_alpha), rel(run_alpha(), ref, rows))
             if args.contiguous_too:  # ours on [B, H, S, D] contiguous copies (as bench/isa_attention.py times it)
                 qc, kc, vc = (t.contiguous() for t in (q, k, v))
                 run_contiguous = lambda: isa_attention(qc, kc, vc, t_len, n)  # noqa: E731

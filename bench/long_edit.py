@@ -280,6 +280,21 @@ def e2e_child(args) -> None:
             super().event(kind, data)
 
     cli.Reporter = TimedReporter
+    if args.whole_source:  # as TokenFlow/AdaFlow: every pass runs the source branch whole, beside the edit
+        from longedit.core.adaflow.edit import KeyframeEditor
+
+        KeyframeEditor.source_use = lambda self, step, extended: "full"
+    sampled = {}
+    if args.save_latent:  # the sampler's output, to measure a variant's error against the default run
+        import comfy.sample
+
+        sample = comfy.sample.sample
+
+        def keep_output(*a, **k):
+            sampled["latent"] = sample(*a, **k)
+            return sampled["latent"]
+
+        comfy.sample.sample = keep_output
     folder = os.path.join(args.workdir, "comfy_e2e")
     for sub in ("output", "input", "user"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
@@ -289,6 +304,7 @@ def e2e_child(args) -> None:
             "--set", f"2.height={args.height}", "--", "--output-directory", os.path.join(folder, "output"),
             "--input-directory", os.path.join(folder, "input"), "--user-directory", os.path.join(folder, "user")]
     argv += [] if torch.cuda.is_available() else ["--cpu"]
+    argv += args.comfy_flags.split()
     gpu("reset")
     t0 = time.perf_counter()
     rc = cli.main(argv)
@@ -298,6 +314,8 @@ def e2e_child(args) -> None:
         nodes[last] = nodes.get(last, 0.0) + time.perf_counter() - clock["t"]
     if rc != 0:
         raise SystemExit(f"the workflow failed (rc {rc})")
+    if args.save_latent:
+        torch.save(sampled["latent"].float().cpu(), args.save_latent)
     print("E2E " + json.dumps(dict(nodes=nodes, run_s=time.perf_counter() - t0, gpu_peak=gpu("peak"),
                                    rss_peak=peak_rss(), torch=torch.__version__)), flush=True)
 
@@ -513,6 +531,11 @@ def main() -> int:
     ap.add_argument("--inversion-steps", type=int, default=100, help="--e2e: DDIM inversion steps")
     ap.add_argument("--project", default="1000,10000", help="--e2e: frame counts to project the wall time to")
     ap.add_argument("--e2e-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--comfy-flags", default="", help="--e2e: ComfyUI launch flags, e.g. '--fast autotune'")
+    ap.add_argument("--whole-source", action="store_true",
+                    help="--e2e: run every pass's source branch whole, as the authors' code does (the pack stops it "
+                         "at PnP's last injection)")
+    ap.add_argument("--save-latent", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gpus", default="1", help="adaflow rows also spread over these many Ray actors, e.g. 1,2 "
                                                 "(Spread Edit over GPUs; needs Ray)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)

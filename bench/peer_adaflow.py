@@ -18,6 +18,10 @@ Adaptations of their code, only what it needs to run here (no line of their file
      arguments (libx264 with their crf/preset options) are put into torchvision.io when it lacks them.
   4. Versions: diffusers 0.42.1, transformers 5.17, torch 2.11 instead of their pins (diffusers 0.29.2,
      transformers 4.42.3, torch 2.3.0); kornia 0.7.3 as pinned.
+Our side runs in variants (--sides): `default` (alias `ours`) as shipped; `whole-source`, the source branch run
+whole in every pass as theirs does (the pack stops it at PnP's last injection); `autotune` and `fp8`, ComfyUI's
+launch flags for cuDNN autotuning and for fp8 weights with fp8 matmuls (these change the numbers: each
+variant's edited latents are compared with the default run's, column "error vs default").
 Their stages are timed from outside: sys.monitoring on the code objects of their named functions (no cost
 elsewhere), with a CUDA synchronize at each boundary.
 
@@ -334,12 +338,38 @@ def run_theirs(args, frames: int, video: str) -> dict:
     return row
 
 
-def run_ours(args, frames: int, video: str) -> dict:
+# Our speed options, each a row: ComfyUI's own launch flags (cuDNN autotuning; fp8 weights with fp8 matmuls on
+# Hopper/Ada, which change the numbers: their error against the default row is printed), and the authors'
+# way of running the source branch whole in every pass (what the pack's source truncation saves).
+OUR_VARIANTS = {
+    "default": [],
+    "whole-source": ["--whole-source"],
+    "autotune": ["--comfy-flags=--fast autotune"],
+    "fp8": ["--comfy-flags=--fast autotune fp8_matrix_mult --fp8_e4m3fn-unet"],
+}
+
+
+def run_ours(args, frames: int, video: str, variant: str = "default") -> dict:
+    variant = "default" if variant == "ours" else variant
+    latent = os.path.join(args.workdir, f"ours_{frames}_{variant}.pt")
     cmd = [sys.executable, os.path.join(BENCH, "long_edit.py"), "--e2e-child", video, "--comfy", args.comfy,
-           "--workdir", args.workdir, "--inversion-steps", str(args.inversion_steps), "--steps", str(args.steps)]
+           "--workdir", args.workdir, "--inversion-steps", str(args.inversion_steps), "--steps", str(args.steps),
+           "--save-latent", latent, *OUR_VARIANTS[variant]]
     result = run_child(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), "E2E",
-                       os.path.join(args.workdir, f"ours_{frames}.log"))
-    return dict(side="LongEdit", frames=frames, **({"run": result}))
+                       os.path.join(args.workdir, f"ours_{frames}_{variant}.log"))
+    row = dict(side="LongEdit" if variant == "default" else f"LongEdit {variant}", frames=frames, run=result)
+    default = os.path.join(args.workdir, f"ours_{frames}_default.pt")
+    if variant != "default" and "error" not in result and os.path.exists(default):
+        row["error_vs_default"] = relative_error(latent, default)
+    return row
+
+
+def relative_error(path: str, reference_path: str) -> float:
+    """||a - b|| / ||b|| of two saved sampler outputs (the edited latents)."""
+    import torch
+
+    a, b = torch.load(path).double(), torch.load(reference_path).double()
+    return float((a - b).norm() / b.norm())
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -381,15 +411,15 @@ def projected(stages: dict, row: dict, frames: int, inversion_steps: int, steps:
 
 def print_report(rows: list[dict], target: int = 1000, inversion_steps: int = 100, steps: int = 50) -> None:
     print(f"\n| frames | steps (inversion) | code | " + " | ".join(STAGES) + " | total s | GPU peak GiB | vs authors | "
-          f"projected: {target:,} frames, {steps} ({inversion_steps}) steps | vs authors |")
-    print("|---" * (len(STAGES) + 9) + "|")
+          f"projected: {target:,} frames, {steps} ({inversion_steps}) steps | vs authors | error vs default |")
+    print("|---" * (len(STAGES) + 10) + "|")
     theirs = {}
     for r in sorted(rows, key=lambda r: (r["frames"], r["steps"], r["side"] != "authors")):
         head = f"| {r['frames']:,} | {r['steps']} ({r['inversion_steps']}) | {r['side']} | "
         got = stage_times(r)
         if got is None:
             err = (r.get("edit") or r.get("preprocess") or r.get("run") or {}).get("error", "failed")
-            print(head + " | ".join("–" for _ in STAGES) + f" | {err} | | | | |")
+            print(head + " | ".join("–" for _ in STAGES) + f" | {err} | | | | | |")
             continue
         stages, total, peak = got
         proj = projected(stages, r, target, inversion_steps, steps)
@@ -399,7 +429,8 @@ def print_report(rows: list[dict], target: int = 1000, inversion_steps: int = 10
         ratio = f"{theirs[key][0] / total:.2f}x" if r["side"] != "authors" and key in theirs else ""
         pratio = f"{theirs[key][1] / proj:.2f}x" if r["side"] != "authors" and key in theirs else ""
         print(head + " | ".join(f"{stages[s]:.1f}" for s in STAGES)
-              + f" | {total:.1f} | {peak / 2**30:.2f} | {ratio} | {proj / 60:.1f} min | {pratio} |")
+              + f" | {total:.1f} | {peak / 2**30:.2f} | {ratio} | {proj / 60:.1f} min | {pratio} | "
+              + (f"{r['error_vs_default']:.2e} |" if "error_vs_default" in r else " |"))
 
 
 def main() -> int:
@@ -407,7 +438,8 @@ def main() -> int:
     ap.add_argument("--authors", default=".gpu-17/AdaFlow", help="a copy of github:jidantang55/AdaFlow")
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH", "/tmp/comfy"))
     ap.add_argument("--frames", default="500")
-    ap.add_argument("--sides", default="authors,ours")
+    ap.add_argument("--sides", default="authors,default",
+                    help="authors and/or our variants: " + ",".join(OUR_VARIANTS))
     ap.add_argument("--inversion-steps", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--height", type=int, default=384)
@@ -437,7 +469,7 @@ def main() -> int:
         video = os.path.join(args.workdir, f"synthetic_{frames}.mp4")
         write_video_file(video, frames, args.width, args.height)
         for side in args.sides.split(","):
-            row = run_theirs(args, frames, video) if side == "authors" else run_ours(args, frames, video)
+            row = run_theirs(args, frames, video) if side == "authors" else run_ours(args, frames, video, side)
             row.update(inversion_steps=args.inversion_steps, steps=args.steps)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("preprocess", "edit", "run")}), flush=True)

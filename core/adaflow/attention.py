@@ -40,6 +40,10 @@ class PassLayout:
     record: dict | None = None  # keyframe pass: layer -> its attention output [branches, K*T, C], kept
     propagate: "Propagation | None" = None  # propagation pass: take outputs from the recorded keyframes
     isa: KeyframeSlimming | None = None  # keyframe pass slimmed by ISA (policy 'isa'); None: AAS or full
+    # A chunk pass whose source branch runs apart (see edit.py, source_use): the source-only call stores PnP's
+    # residual feature here and stops; the edited branches' call then takes `source_feature` at that layer.
+    capture: dict | None = None
+    source_feature: torch.Tensor | None = None
 
 
 @dataclass

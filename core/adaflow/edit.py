@@ -109,10 +109,8 @@ class KeyframeEditor:
         done = int(is_key.sum())
         for i0 in range(0, len(others), chunk_frames):
             local = others[i0:i0 + chunk_frames]
-            propagation = (self.propagation(call[local], step, branch_ids, self.compute_device(x))
-                           if self.propagate else None)
             self._pass(run, x, sigma, context, len(call), local, call[local], step, extended=False, out=out,
-                       branch_pos=list(range(branches)), propagate=propagation)
+                       branch_pos=list(range(branches)), branch_ids=branch_ids)
             done += len(local)
             self.report(done, len(call))
         return out
@@ -147,9 +145,28 @@ class KeyframeEditor:
         if self.on_progress is not None:
             self.on_progress(done, frames)
 
-    def propagation(self, frames_idx: np.ndarray, step: int, branch_ids: list[int], device) -> Propagation:
+    def source_use(self, step: int, extended: bool) -> str:
+        """What a pass needs of its source branch: 'full' (a whole forward beside the edited branches), 'feature'
+        (only PnP's residual feature: the source runs apart and stops at that layer) or 'none'.
+
+        The source branch's own prediction is never used; it matters only through what it injects. The keyframe
+        pass always runs it whole (q/k injection, and the record's source row). In a chunk of non-keyframes
+        with propagation every self-attention output is the recorded keyframes', so injected q/k are unused
+        and only the residual feature counts, while PnP injects it (the first pnp_f_t of the steps): the
+        source forward stops there, ~44% of a UNet forward on SD2.1. Without propagation the chunk's decoder
+        self-attention takes the source's q/k at every layer from up_blocks[1] on, so the source runs whole
+        while q/k injection is on. With nothing to inject, the source branch is skipped."""
+        if extended:
+            return "full"
+        if step < self.attn_steps and not self.propagate:
+            return "full"
+        return "feature" if step < self.conv_steps else "none"
+
+    def propagation(self, frames_idx: np.ndarray, step: int, branch_ids: list[int], device,
+                    source: bool = True) -> Propagation:
         """Gather indices of a chunk of non-keyframes into the records of the clips it spans, at every level:
-        frame f of clip c takes, for its token t, the output of token matches[f, t] of c's keyframe."""
+        frame f of clip c takes, for its token t, the output of token matches[f, t] of c's keyframe. The
+        records' rows: the source's (unless `source` is False), then those of `branch_ids`."""
         plan = self.plan
         clips = plan.clip_of(frames_idx)
         spanned = np.unique(clips)
@@ -160,35 +177,63 @@ class KeyframeEditor:
             tokens = h * w
             matches = torch.from_numpy(np.asarray(plan.matches[level][frames_idx, slots])).to(device).long()
             index[tokens] = matches + torch.as_tensor(position * tokens, device=device)[:, None]
-        recorded = self.records.for_clips([int(c) for c in spanned], branch_ids, device)
+        recorded = self.records.for_clips([int(c) for c in spanned], branch_ids, device, source=source)
         return Propagation(recorded=recorded, index=index)
 
     def _pass(self, run: RunModel, x, sigma, context, rows_per_branch: int, local: np.ndarray,
               frames_idx: np.ndarray, step: int, extended: bool, out: torch.Tensor, branch_pos: list[int],
-              record=None, propagate: Propagation | None = None) -> None:
-        """One model call for `frames_idx` (at positions `local` of each branch's `rows_per_branch` rows of x),
-        for the branches at positions `branch_pos`, after the source branch."""
+              record=None, branch_ids: list[int] | None = None) -> None:
+        """One pass over `frames_idx` (at positions `local` of each branch's `rows_per_branch` rows of x) for the
+        branches at positions `branch_pos` (ids `branch_ids`, for a chunk's propagation), with the source
+        branch as `source_use` says: one model call [source | branches], or the source's call apart, or none."""
         k = len(frames_idx)
         device = self.compute_device(x)
         idx = as_index(local, x.device)
         rows = torch.cat([b * rows_per_branch + idx for b in branch_pos])
-        branches = len(branch_pos)
-        source = self.inversion.latents_at(step, frames_idx).to(device, x.dtype)
         source_context = self.inversion.source_context.to(device, context.dtype)
         if source_context.shape[1:] != context.shape[1:]:
             raise LongEditError(
                 f"The source conditioning {tuple(source_context.shape[1:])} and the sampler's conditioning "
                 f"{tuple(context.shape[1:])} differ in shape.", "use the same CLIP for both prompts.")
-        layout = PassLayout(frames=k, branches=branches + 1, has_source=True,
+        use = self.source_use(step, extended)
+        propagate = self.propagate and not extended
+        layout = PassLayout(frames=k, branches=len(branch_pos) + (use == "full"), has_source=use == "full",
                             inject_qk=step < self.attn_steps, inject_conv=step < self.conv_steps,
                             selection=self.selection(step, device) if extended else None, extended=extended,
-                            record=record, propagate=propagate,
+                            record=record,
+                            propagate=(self.propagation(frames_idx, step, branch_ids, device, source=use == "full")
+                                       if propagate else None),
                             isa=self.slimming if extended and self.slimming.policy == "isa" else None)
+        source = self.inversion.latents_at(step, frames_idx).to(device, x.dtype) if use != "none" else None
+        sigmas = sigma.flatten()[:1].to(device).expand(k)
+        if use == "feature":
+            layout.source_feature = self._source_feature(run, source, sigmas, source_context.expand(k, -1, -1),
+                                                         frames_idx, step, propagate, device)
         # The host may keep the conditioning on another device than the latents (ComfyUI moves it later).
-        branch_context = context[rows.to(context.device)].to(device)
-        denoised = run(torch.cat([source, x[rows].to(device)]), sigma.flatten()[:1].to(device).expand(k * (branches + 1)),
-                       torch.cat([source_context.expand(k, -1, -1), branch_context]), layout)
-        out[rows] = denoised[k:].to(out.device, out.dtype)
+        latents, contexts = [x[rows].to(device)], [context[rows.to(context.device)].to(device)]
+        if use == "full":
+            latents.insert(0, source)
+            contexts.insert(0, source_context.expand(k, -1, -1))
+        denoised = run(torch.cat(latents), sigmas.repeat(layout.branches), torch.cat(contexts), layout)
+        out[rows] = denoised[k if use == "full" else 0:].to(out.device, out.dtype)
+
+    def _source_feature(self, run: RunModel, source, sigmas, source_context, frames_idx, step: int,
+                        propagate: bool, device) -> torch.Tensor:
+        """The source branch's PnP residual feature for a chunk: its forward up to that layer, then stopped."""
+        layout = PassLayout(frames=len(frames_idx), branches=1, has_source=True, inject_qk=False, inject_conv=True,
+                            extended=False, capture={},
+                            propagate=self.propagation(frames_idx, step, [], device) if propagate else None)
+        try:
+            run(source, sigmas, source_context, layout)
+        except SourceFeatureReady:
+            return layout.capture["feature"]
+        raise RuntimeError("the source branch's forward never reached PnP's feature-injection layer "
+                           "(FeatureInjection is not installed on this model)")
+
+
+class SourceFeatureReady(Exception):
+    """Raised by FeatureInjection in a source-only pass once the feature is captured: the rest of that
+    forward is not needed (a control-flow signal; it never leaves KeyframeEditor)."""
 
 
 class FeatureInjection(nn.Sequential):
@@ -203,8 +248,14 @@ class FeatureInjection(nn.Sequential):
         self._current_layout = current_layout
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = super().forward(h)
         layout = self._current_layout()
+        if layout is not None and layout.source_feature is not None:  # the source ran apart: take its feature
+            feature = layout.source_feature
+            return feature.repeat(layout.branches, *[1] * (feature.dim() - 1)).to(h.dtype)
+        h = super().forward(h)
+        if layout is not None and layout.capture is not None:  # a source-only pass: keep the feature, stop
+            layout.capture["feature"] = h
+            raise SourceFeatureReady
         if layout is None or not (layout.has_source and layout.inject_conv):
             return h
         grouped = h.view(layout.branches, layout.frames, *h.shape[1:])

@@ -63,14 +63,15 @@ class KeyframeRecords:
     def writer(self, branch_ids: Iterable[int]) -> "RecordWriter":
         return RecordWriter(self, list(branch_ids))
 
-    def for_clips(self, clips: list[int], branch_ids: list[int], device) -> "ClipRecords":
-        """The record of `clips` (ascending) and of the source + `branch_ids` rows, on `device`."""
+    def for_clips(self, clips: list[int], branch_ids: list[int], device, source: bool = True) -> "ClipRecords":
+        """The record of `clips` (ascending) and of the source (unless `source` is False) + `branch_ids` rows,
+        on `device`."""
         for c in [c for c in self._on_device if c not in clips]:
             del self._on_device[c]
         for c in clips:
             if c not in self._on_device:
                 self._on_device[c] = {layer: t[c].to(device, non_blocking=self.pin) for layer, t in self.layers.items()}
-        rows = torch.tensor([0] + [1 + int(b) for b in branch_ids], device=device)
+        rows = torch.tensor(([0] if source else []) + [1 + int(b) for b in branch_ids], device=device)
         return ClipRecords([self._on_device[c] for c in clips], rows)
 
 

@@ -185,8 +185,11 @@ def our_step(unet_pair, inversion, plan, x, conds, step):
 
     def capture(executor, x_in, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         attn_outputs.append({})
-        out = executor(x_in, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        calls.append((x_in, t, transformer_options[WRAPPER_KEY], out))
+        out = None  # a chunk's source-only call stops at PnP's residual injection: no output
+        try:
+            out = executor(x_in, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            calls.append((x_in, t, transformer_options[WRAPPER_KEY], out))
         return out
 
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_capture", capture)
@@ -280,10 +283,16 @@ def test_keyframe_pass_and_propagation_match_the_reference(unet_pair, setup, ste
         err = rel(eps_key[b], ref_key.view(3, clips, 4, *LATENT)[b])
         print(f"step {step} (t={t}) keyframe pass {name}: rel err {err:.2e}")
         assert err <= TOLERANCE, name
-    eps_prop = torch.cat([our_eps(xi, d).view(3, -1, 4, *LATENT) for xi, _, _, d in prop_calls], dim=1)
-    assert sum(lay.frames for _, _, lay, _ in prop_calls) == len(others)  # chunks in frame order, all frames
-    for b, name in enumerate(("source", "uncond", "cond")):
-        err = rel(eps_prop[b], ref_others.view(3, -1, 4, *LATENT)[b])
+    # Each chunk of other frames: while the residual injection is on, the source branch alone up to that layer
+    # (its prediction is never used, so it stops there), then [uncond | cond]; after, [uncond | cond] alone.
+    sources = [lay.frames for _, _, lay, d in prop_calls if lay.capture is not None]
+    edits = [(xi, lay, d) for xi, _, lay, d in prop_calls if lay.capture is None]
+    assert sources == ([lay.frames for _, lay, _ in edits] if state.conv_on else [])
+    assert all(d is None for _, _, lay, d in prop_calls if lay.capture is not None)
+    eps_prop = torch.cat([our_eps(xi, d).view(2, -1, 4, *LATENT) for xi, _, d in edits], dim=1)
+    assert sum(lay.frames for _, lay, _ in edits) == len(others)  # chunks in frame order, all frames
+    for b, name in enumerate(("uncond", "cond")):
+        err = rel(eps_prop[b], ref_others.view(3, -1, 4, *LATENT)[b + 1])
         print(f"step {step} (t={t}) propagation {name}: rel err {err:.2e}")
         assert err <= TOLERANCE, name
     # the final output: keyframe rows from the keyframe pass, the others from propagation, in frame order
@@ -293,8 +302,13 @@ def test_keyframe_pass_and_propagation_match_the_reference(unet_pair, setup, ste
     # --- gathered attention outputs are exactly the keyframe outputs at the matched tokens
     recorded = {block: torch.cat([out, attn_outputs[1][block][clips:]]) for block, out in attn_outputs[0].items()}
     start = 0
+    all_blocks = set(attn_outputs[0])
+    before_injection = {block for block in all_blocks if block[0] != "output" or block[1] < 4}
+    assert len(attn_outputs) == len(calls) and before_injection < all_blocks
     for (_, _, lay, _), outputs in zip(prop_calls, attn_outputs[2:]):
         n = lay.frames
+        rows = [0] if lay.capture is not None else [1, 2]  # the record's rows: source, uncond, cond
+        assert set(outputs) == (before_injection if lay.capture is not None else all_blocks)
         frames = others[start:start + n]
         for block, got in outputs.items():
             tokens = got.shape[1]
@@ -302,9 +316,9 @@ def test_keyframe_pass_and_propagation_match_the_reference(unet_pair, setup, ste
             kf = recorded[block].view(3, clips, tokens, -1)
             c = clip_of[start:start + n]
             idx = torch.from_numpy(plan.matches[level][frames, slots[c]].astype(np.int64))
-            expected = torch.stack([kf[b, torch.from_numpy(c)[:, None], idx] for b in range(3)])
-            assert torch.equal(got.view(3, n, tokens, -1), expected), block
-        start += n
+            expected = torch.stack([kf[b, torch.from_numpy(c)[:, None], idx] for b in rows])
+            assert torch.equal(got.view(len(rows), n, tokens, -1), expected), block
+        start += n if lay.capture is None else 0
 
 
 def test_aas_kept_tokens_against_the_reference_rule(setup):

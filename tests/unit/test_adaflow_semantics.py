@@ -214,13 +214,15 @@ def kept_tokens(maps: dict[int, np.ndarray], budget: int) -> dict[int, list[np.n
 
 
 def reference_step(model: TinyUNet, plan: KeyframePlan, inversion: Inversion, x, context, step: int,
-                   propagate: bool, budget: int = BUDGET) -> torch.Tensor:
-    """Float64 expected output of one editor call at `step` (all frames, both branches)."""
+                   propagate: bool, budget: int = BUDGET, pnp_attn_t: float = PNP_ATTN_T,
+                   pnp_f_t: float = PNP_F_T) -> torch.Tensor:
+    """Float64 expected output of one editor call at `step` (all frames, both branches). As TokenFlow and
+    AdaFlow run it: every pass is one batch [source | uncond | cond], the source branch whole."""
     clips = len(CLIP_STARTS) - 1
     slots = keyframe_slots(plan, step)
     keyframes = plan.candidates[np.arange(clips), slots]
-    qk_on = step < int(STEPS * PNP_ATTN_T)
-    features_on = step < int(STEPS * PNP_F_T)
+    qk_on = step < int(STEPS * pnp_attn_t)
+    features_on = step < int(STEPS * pnp_f_t)
     nb = BRANCHES + 1
     sigma = float(SIGMAS[step])
     kept = kept_tokens(level_scores(plan, np.arange(clips) * PER_CLIP + slots), budget) if clips > budget else None
@@ -430,9 +432,60 @@ def test_a_float_chunk_size_from_a_host_estimate_is_accepted(setup):
         calls = []
         inner = run_under_test(model)
         outs.append(editor(lambda *a: calls.append(a[0].shape[0]) or inner(*a), x, sigma, context, BRANCHES))
-        chunks = calls[BRANCHES:]  # after the per-branch keyframe passes: 3 frames x (source + branches)
-        assert chunks == [3 * (BRANCHES + 1)] * (len(chunks) - 1) + [chunks[-1]]
+        chunks = calls[BRANCHES:]  # after the per-branch keyframe passes: per chunk, source apart, then branches
+        assert chunks[:-2] == [3, 3 * BRANCHES] * (len(chunks) // 2 - 1)
     assert torch.equal(outs[0], outs[1])
+
+
+# (pnp_attn_t, pnp_f_t): AdaFlow's defaults (equal), and residual injection outlasting q/k injection (the fixture's
+# own has it the other way round), so that each source use below occurs with and without propagation
+FRACTIONS = [(0.5, 0.5), (0.17, 0.5)]
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+@pytest.mark.parametrize("fractions", FRACTIONS)
+def test_the_source_branch_runs_only_as_far_as_its_injections_reach(setup, fractions, propagate):
+    """A chunk's source branch feeds the edited branches only through PnP: its own prediction is never used.
+    So it runs whole only while a chunk's attention takes its q/k (no propagation), runs alone up to the
+    residual-injection layer while that is on, and not at all after; every step still equals the float64
+    transcription of the whole [source | uncond | cond] batch."""
+    model, plan, inversion, x, context = setup
+    attn_t, f_t = fractions
+    for step in range(STEPS):
+        editor = KeyframeEditor(inversion, plan, attn_t, f_t, kv_budget=BUDGET, chunk_frames=40, propagate=propagate)
+        sigma = torch.full((BRANCHES * FRAMES,), float(SIGMAS[step]))
+        inner, layers = run_under_test(model), []
+
+        def spy(x_in, sigma_in, ctx, layout):
+            def attend(name, level, pnp, q, k, v):
+                layers[-1][1].append(name)
+                return adaflow_self_attention(q, k, v, HEADS, layout, pnp, layer=name)
+            layers.append((x_in.shape[0], []))
+            return spy_model(x_in, sigma_in, ctx, layout, attend)
+
+        current = {"layout": None}
+        injection = FeatureInjection(model.residual_block(), lambda: current["layout"])
+
+        def spy_model(x_in, sigma_in, ctx, layout, attend):
+            current["layout"] = layout
+            try:
+                return model.forward(x_in, sigma_in, ctx, attend, injection)
+            finally:
+                current["layout"] = None
+
+        got = editor(spy, x, sigma, context, BRANCHES)
+        expected = reference_step(model, plan, inversion, x, context, step, propagate, pnp_attn_t=attn_t, pnp_f_t=f_t)
+        assert rel_error(got, expected) < TOLERANCE, f"step {step}"
+        n = FRAMES - (len(CLIP_STARTS) - 1)  # the one chunk of non-keyframes
+        qk_on, features_on = step < int(STEPS * attn_t), step < int(STEPS * f_t)
+        everything = [name for name, _, _ in LAYERS]
+        up_to_injection = everything[:4]  # enc0, enc1, mid, dec1: the residual injection follows dec1
+        if qk_on and not propagate:
+            assert layers[BRANCHES:] == [(n * (BRANCHES + 1), everything)]
+        elif features_on:
+            assert layers[BRANCHES:] == [(n, up_to_injection), (n * BRANCHES, everything)]
+        else:
+            assert layers[BRANCHES:] == [(n * BRANCHES, everything)]
 
 
 def test_without_a_source_branch_every_branch_attends_across_its_keyframes():
