@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -270,6 +271,8 @@ def e2e_child(args) -> None:
 
         def event(self, kind, data):
             TimedReporter.prompt_of_run = self.prompt
+            if args.save_latent:  # the sampler's output, to measure a variant's error against the default run
+                keep_sampler_output()
             if kind == "executing" and isinstance(data, dict):
                 gpu("sync")
                 now = time.perf_counter()
@@ -285,17 +288,24 @@ def e2e_child(args) -> None:
 
         KeyframeEditor.source_use = lambda self, step, extended: "full"
     sampled = {}
-    if args.save_latent:  # the sampler's output, to measure a variant's error against the default run
+
+    def keep_sampler_output() -> None:
+        """Wrap comfy.sample.sample (importable once the runner has set ComfyUI up) to keep its output."""
         import comfy.sample
 
         sample = comfy.sample.sample
+        if getattr(sample, "keeps_output", False):
+            return
 
         def keep_output(*a, **k):
             sampled["latent"] = sample(*a, **k)
             return sampled["latent"]
 
+        keep_output.keeps_output = True
         comfy.sample.sample = keep_output
     folder = os.path.join(args.workdir, "comfy_e2e")
+    # every run computes: no stage cache or saved sampling state of an earlier run (another variant) is reused
+    shutil.rmtree(os.path.join(folder, "user", "longedit"), ignore_errors=True)
     for sub in ("output", "input", "user"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     argv = ["run", E2E_WORKFLOW, "--video", args.e2e_child, "--set", f"1.ckpt_name={CKPT}",

@@ -354,7 +354,7 @@ def run_ours(args, frames: int, video: str, variant: str = "default") -> dict:
     latent = os.path.join(args.workdir, f"ours_{frames}_{variant}.pt")
     cmd = [sys.executable, os.path.join(BENCH, "long_edit.py"), "--e2e-child", video, "--comfy", args.comfy,
            "--workdir", args.workdir, "--inversion-steps", str(args.inversion_steps), "--steps", str(args.steps),
-           "--save-latent", latent, *OUR_VARIANTS[variant]]
+           "--height", str(args.height), "--width", str(args.width), "--save-latent", latent, *OUR_VARIANTS[variant]]
     result = run_child(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), "E2E",
                        os.path.join(args.workdir, f"ours_{frames}_{variant}.log"))
     row = dict(side="LongEdit" if variant == "default" else f"LongEdit {variant}", frames=frames, run=result)
