@@ -339,9 +339,11 @@ def spread_pool(guider, state: dict, options: dict, seed):
     """Ray actors for this run's propagation chunks when Spread Edit over GPUs asked for more than one, else None.
     Without a keyframe plan every frame is a keyframe: one joint pass per step, nothing to spread."""
     scale = scale_options(options)
-    if scale is None or editor_for(state).plan is None:
+    editor = editor_for(state)
+    if scale is None or editor.plan is None:
         return None
-    return start_pool(scale, guider, options, seed, CONFIG_KEY)
+    plan = card_plan(guider.model_patcher, editor.inversion, editor.plan)  # this process's keyframe passes
+    return start_pool(scale, guider, options, seed, CONFIG_KEY, driver_peak=plan.gpu.peak_bytes)
 
 
 RESUME_LIMIT_BYTES = 64 * 2**30  # saved sampling states kept in all; the oldest other runs' go first

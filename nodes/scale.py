@@ -86,12 +86,18 @@ def comfy_prelude() -> Prelude:
     return Prelude(argv=tuple(sys.argv), calls=(("comfy.options", "enable_args_parsing"), ("comfy.cli_args", "")))
 
 
-def start_pool(options: ScaleOptions, guider, model_options: dict, seed, config_key: str) -> WorkerPool:
+def start_pool(options: ScaleOptions, guider, model_options: dict, seed, config_key: str,
+               driver_peak: int = 0) -> WorkerPool:
+    """`driver_peak`: the sampling process's planned GPU peak; what it does not hold yet is kept free of actors
+    on its GPU."""
     import functools
+
+    import torch
 
     build = functools.partial(ChunkModel, guider.model_patcher, guider.conds, guider.cfg, model_options, seed,
                               config_key)
-    return WorkerPool(options, build, comfy_prelude())
+    held = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+    return WorkerPool(options, build, comfy_prelude(), driver_reserve=max(0, int(driver_peak) - held))
 
 
 class SpreadOverGpus(io.ComfyNode):

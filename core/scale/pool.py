@@ -118,14 +118,36 @@ class Prelude:
             sys.argv = saved
 
 
+@dataclasses.dataclass(frozen=True)
+class GpuBudget:
+    """What an actor may allocate on its GPU. `share`: its part of the memory free there when it starts (actors
+    sharing a GPU, Ray's fractional num_gpus). The sampling process runs each step's keyframe pass on its own GPU
+    and still grows after the actors start: an actor on that GPU (`driver_gpu`, a device UUID) leaves it
+    `driver_reserve` bytes."""
+
+    share: float = 1.0
+    driver_gpu: str | None = None
+    driver_reserve: int = 0
+
+
+def actor_gpu_cap(free: int, share: float, reserve: int) -> int:
+    """Bytes an actor may hold: its share of what is free on its GPU once the sampling process's reserve is set
+    aside."""
+    return int(share * max(0, int(free) - int(reserve)))
+
+
+def gpu_uuid() -> str | None:
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if torch.cuda.is_available() else None
+
+
 class ChunkWorker:
     """The body of one Ray actor: the host's model, built once, and the latest step's records."""
 
-    def __init__(self, prelude: Prelude, build: bytes, gpu_share: float = 1.0):
+    def __init__(self, prelude: Prelude, build: bytes, budget: GpuBudget = GpuBudget()):
         from ray import cloudpickle
 
-        if 0 < gpu_share < 1 and torch.cuda.is_available():
-            keep_to_gpu_share(gpu_share)
+        if torch.cuda.is_available():
+            keep_to_gpu_budget(budget)
         prelude.run()
         self.model = cloudpickle.loads(build)()
         self.step = None
@@ -148,16 +170,20 @@ class ChunkWorker:
         return self.model.denoise(group, current, sigma).cpu()
 
 
-def keep_to_gpu_share(share: float) -> None:
-    """Actors sharing a GPU: each may allocate only its share, and sees free memory within it (hosts size
-    their chunks from free memory; two actors reading the same free figure at once would both take it)."""
-    total = torch.cuda.mem_get_info()[1]
-    torch.cuda.set_per_process_memory_fraction(share)
+def keep_to_gpu_budget(budget: GpuBudget) -> None:
+    """Cap this actor's allocations at its budget, and make it see free memory within it (hosts size their chunks
+    from free memory; two processes reading the same free figure at once would both take it)."""
+    reserve = budget.driver_reserve if budget.driver_gpu is not None and budget.driver_gpu == gpu_uuid() else 0
+    if budget.share >= 1 and reserve == 0:
+        return  # a GPU of its own
+    free, total = torch.cuda.mem_get_info()
+    cap = actor_gpu_cap(free, budget.share, reserve)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
     real = torch.cuda.mem_get_info
 
     def mem_get_info(device=None):
         free, _ = real(device)
-        return min(free, max(0, int(share * total) - torch.cuda.memory_reserved(device))), int(share * total)
+        return min(free, max(0, cap - torch.cuda.memory_reserved(device))), cap
 
     torch.cuda.mem_get_info = mem_get_info
 
@@ -175,15 +201,18 @@ def actor_resources(ray, workers: int) -> dict:
 
 
 class WorkerPool:
-    def __init__(self, options: ScaleOptions, build: Callable[[], Any], prelude: Prelude = Prelude()):
-        """`build` is pickled here (by value where it must be) and built in each actor after `prelude`."""
+    def __init__(self, options: ScaleOptions, build: Callable[[], Any], prelude: Prelude = Prelude(),
+                 driver_reserve: int = 0):
+        """`build` is pickled here (by value where it must be) and built in each actor after `prelude`.
+        `driver_reserve`: bytes this process still needs on its GPU (its keyframe passes), kept free of actors."""
         self.ray = connect(options)
         actor = self.ray.remote(max_restarts=0, max_task_retries=0, **actor_resources(self.ray, options.workers))(
             ChunkWorker)
         # one copy of the model in the object store, whatever the actor count
         shared = self.ray.put(self.ray.cloudpickle.dumps(build))
         share = actor_resources(self.ray, options.workers)["num_gpus"]
-        self.actors = [actor.remote(prelude, shared, share) for _ in range(int(options.workers))]
+        budget = GpuBudget(share=share if share > 0 else 1.0, driver_gpu=gpu_uuid(), driver_reserve=driver_reserve)
+        self.actors = [actor.remote(prelude, shared, budget) for _ in range(int(options.workers))]
         self.lost: list[int] = []
         try:
             self.pids = self.ray.get([a.ready.remote() for a in self.actors])
