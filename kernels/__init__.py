@@ -68,7 +68,7 @@ def plan_isa_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: 
 
 
 def isa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, ctx_end: int, *,
-                  block_size: int = 64, alpha_s: float = 0.125, alpha_f: float = 0.5,
+                  block_size: int = 64, alpha_s: float = 0.15, alpha_f: float = 0.5,
                   alpha_ns: float = 0.0625, backend: str = "auto") -> torch.Tensor:
     """ISA sparse attention; q, k, v [B, H, N, d] -> [B, H, N, d] in q's dtype; context is tokens
     [ctx_start, ctx_end). The block selection is planned in torch. backend 'auto': sharp query blocks by

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_BLOCK_SIZE = 64
-DEFAULT_ALPHA_S = 0.125  # share of context KV blocks kept by pre-selection
+DEFAULT_ALPHA_S = 0.15  # share of context KV blocks kept by pre-selection (0.125 in the paper; see README, ISA vs the authors)
 DEFAULT_ALPHA_F = 0.5  # share of query blocks that take exact ("full") attention
 DEFAULT_ALPHA_NS = 0.0625  # share of kept KV blocks a Taylor query block still attends to exactly
 # How context blocks are ranked for pre-selection (step 4) and query blocks for exact attention (step 5).

@@ -44,7 +44,7 @@ class AdaFlowAttentionSlimming(io.ComfyNode):
                              tooltip="aas: keyframes whose full K/V every keyframe attends to; with more "
                                      "keyframes each keeps this many frames' worth of its most similar tokens. "
                                      "Replaces Keyframe Editing's kv_budget. Ignored by full and isa."),
-                io.Float.Input("alpha_s", default=0.125, min=0.0, max=1.0, step=0.005,
+                io.Float.Input("alpha_s", default=0.15, min=0.0, max=1.0, step=0.005,
                                tooltip="isa: share of the other keyframes' token blocks kept, ranked by how much "
                                        "this keyframe's tokens attend to them. 1 keeps all."),
                 io.Float.Input("alpha_f", default=0.5, min=0.0, max=1.0, step=0.01,

@@ -67,7 +67,7 @@ class IsaSparseAttention(io.ComfyNode):
                 io.Int.Input("context_frames", default=0, min=0, max=1000,
                              tooltip="N for 'last N latent frames' (latent frames, after the VAE's 4x time "
                                      "compression)."),
-                io.Float.Input("alpha_s", default=0.125, min=0.0, max=1.0, step=0.005,
+                io.Float.Input("alpha_s", default=0.15, min=0.0, max=1.0, step=0.005,
                                tooltip="Share of context KV blocks kept, ranked by how much the generated tokens "
                                        "attend to them."),
                 io.Float.Input("alpha_f", default=0.5, min=0.0, max=1.0, step=0.01,

@@ -24,7 +24,7 @@ ISA_BACKENDS = ("auto", "torch")
 class KeyframeSlimming:
     policy: str = "aas"
     kv_budget: int = 20  # aas: keyframes whose full K/V each keyframe keeps
-    alpha_s: float = 0.125  # isa: share of the other keyframes' KV blocks kept (ranked by the ISA rule)
+    alpha_s: float = 0.15  # isa: share of the other keyframes' KV blocks kept (ranked by the ISA rule)
     alpha_f: float = 0.5  # isa: share of each keyframe's query blocks that take exact attention
     alpha_ns: float = 0.0625  # isa: share of kept KV blocks a non-sharp query block still attends exactly
     block_size: int = 64  # isa: tokens per block

@@ -25,7 +25,7 @@ BACKENDS = ("auto", "triton", "torch")
 class IsaSettings:
     context: str = "second half"
     context_frames: int = 0  # with "last N latent frames"
-    alpha_s: float = 0.125
+    alpha_s: float = 0.15
     alpha_f: float = 0.5
     alpha_ns: float = 0.0625
     block_size: int = 64

