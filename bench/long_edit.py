@@ -396,9 +396,9 @@ def spread_over(patched, gpus: int, result: dict):
 
     start_pool = edit_node.start_pool
 
-    def timed_pool(*a):
+    def timed_pool(*a, **k):
         t0 = time.perf_counter()
-        pool = start_pool(*a)
+        pool = start_pool(*a, **k)
         result["pool_start_s"] = time.perf_counter() - t0
         close = pool.close
 
