@@ -13,6 +13,7 @@ VIDEO_LOADERS = {"LongEditLoadVideo": "video", "LoadVideo": "file"}  # node type
 ADAFLOW_MODEL_NODES = ("LongEditAdaFlowKeyframeEditing", "LongEditAdaFlowLatentPropagation",
                        "LongEditAdaFlowAttentionSlimming")
 SPREAD_NODE = "LongEditSpreadOverGpus"
+SPREAD_STAGE_NODES = ("LongEditAdaFlowInvert",)  # stages before sampling that spread over the actors too
 
 
 class CliError(Exception):
@@ -214,8 +215,9 @@ def write_sample(path: Path) -> None:
 
 def spread_over_gpus(prompt: dict, gpus: int, address: str = "") -> list[str]:
     """--gpus / --ray-address: put Spread Edit over GPUs (Ray) between the AdaFlow-patched MODEL and whatever
-    samples with it; returns the new node ids. Nodes that patch the model further (Latent Propagation after
-    Keyframe Editing) keep their input: the option goes on the last model of the chain."""
+    samples with it, and before AdaFlow Invert's MODEL; returns the new node ids. Nodes that patch the model
+    further (Latent Propagation after Keyframe Editing) keep their input: the option goes on the last model of
+    the chain."""
     if gpus < 1:
         raise CliError(f"--gpus {gpus}: give 1 or more")
     patched = {i for i, e in prompt.items() if e["class_type"] in ADAFLOW_MODEL_NODES}
@@ -236,4 +238,14 @@ def spread_over_gpus(prompt: dict, gpus: int, address: str = "") -> list[str]:
                     spread_of[link[0]] = new_id
                     added.append(new_id)
                 entry["inputs"][name] = [spread_of[link[0]], 0]
+    for entry in list(prompt.values()):  # stages that spread their own work read the option from their MODEL
+        link = entry["inputs"].get("model")
+        if entry["class_type"] in SPREAD_STAGE_NODES and isinstance(link, list) \
+                and prompt[link[0]]["class_type"] != SPREAD_NODE:
+            new_id = str(max((int(i) for i in prompt if i.isdigit()), default=0) + 1)
+            prompt[new_id] = {"class_type": SPREAD_NODE, "inputs": {"model": link, "gpus": int(gpus),
+                                                                     "ray_address": address},
+                              "_meta": {"title": f"Spread over {gpus} GPUs (--gpus)"}}
+            entry["inputs"]["model"] = [new_id, 0]
+            added.append(new_id)
     return added

@@ -20,7 +20,9 @@ from ..core.adaflow.inversion import Inversion, ddim_invert, inversion_grid
 from ..core.memory import frames_per_chunk
 from ..core.resume import Fingerprint
 from ..core.run_plan import RunPlan, check_resources
+from ..core.scale.pool import dispatch_frames
 from ..core.stage_cache import CachedStage, StageCache, source_digest
+from .scale import inversion_spread, scale_options
 from .comfy_glue import CACHE_LIMIT_BYTES, Progress, add_model_identity, cache_dir, check_sd_unet, scratch_dir
 
 InversionType = io.Custom("LONGEDIT_INVERSION")
@@ -157,9 +159,13 @@ class AdaFlowInvert(io.ComfyNode):
                 progress.check()
                 progress.update(done)
 
+            options = scale_options(model.model_options)  # Spread Edit over GPUs on this MODEL
+            spread = None if options is None else inversion_spread(options, model, context, progress.check)
+            if spread is not None:  # a few chunks per actor, so that they finish together
+                chunk = dispatch_frames(samples.shape[0], options.workers, chunk)
             return ddim_invert(base.process_latent_in(samples.float()), sigmas, make_eps(model, context), chunk,
                                folder=folder, source_context=context, on_progress=on_progress,
-                               device=mm.get_torch_device(), grid=grid)
+                               device=mm.get_torch_device(), grid=grid, spread=spread)
 
         inversion = cached_or_computed(StageCache(cache_dir(), CACHE_LIMIT_BYTES), key, compute)
         progress.update(progress.total)

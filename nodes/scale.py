@@ -1,8 +1,10 @@
-"""Spread Edit over GPUs: MODEL -> MODEL option that runs each sampling step's propagation chunks on Ray actors.
+"""Spread Edit over GPUs: MODEL -> MODEL option that runs AdaFlow's inversion and each sampling step's propagation
+chunks on Ray actors.
 
-The node only sets options on a clone; the pass-by-pass sampler (adaflow_edit.sample_by_passes) reads them,
-starts one actor per GPU holding the patched model, runs each step's keyframe pass itself and sends the
-step's keyframe record and the other frames' chunks to the actors (core/scale)."""
+The node only sets options on a clone. AdaFlow Invert reads them and inverts chunks of frames on the actors; the
+pass-by-pass sampler (adaflow_edit.sample_by_passes) starts one actor per GPU holding the patched model, runs
+each step's keyframe pass itself and sends the step's keyframe record and the other frames' chunks to the
+actors (core/scale)."""
 from __future__ import annotations
 
 import torch
@@ -67,6 +69,48 @@ class ChunkModel:
             return self.guider(current, sigma, model_options=self.options, seed=self.seed)
         finally:
             self.state["call_frames"] = None
+
+
+class InvertModel:
+    """Built inside each Ray actor, once: the MODEL (weights as the sampling process had them loaded, LoRAs
+    applied) and the source conditioning, for chunks of AdaFlow's inversion."""
+
+    def __init__(self, patcher, context: torch.Tensor):
+        patcher.model.to(patcher.load_device)
+        self.patcher, self.context = patcher, context
+
+    def invert(self, walk, x0: torch.Tensor):
+        """A chunk's walk up the inversion grid, re-split to this actor's free memory: (trajectory rows, start)."""
+        import comfy.model_management as mm
+        import numpy as np
+
+        from ..core.memory import frames_per_chunk
+        from .adaflow_invert import make_eps
+
+        device = self.patcher.load_device
+        chunk = frames_per_chunk(mm.get_free_memory(device), self.patcher.memory_required([1, *x0.shape[1:]]), 1)
+        rows = np.empty((walk.steps + 1, *x0.shape), dtype=np.float16)
+        start = np.empty(tuple(x0.shape), dtype=np.float16)
+        eps = make_eps(self.patcher, self.context)
+        for i in range(0, len(x0), chunk):
+            part = slice(i, i + chunk)
+            walk.frames(x0[part].to(device), eps, into=(rows[:, part], start[part]))
+        return rows, start
+
+
+def inversion_spread(options: ScaleOptions, model, context: torch.Tensor, check):
+    """AdaFlow Invert's chunks on Ray actors (core/adaflow/inversion.ddim_invert's `spread`); the actors start
+    with the first chunk and stop with the last. `check` raises on Cancel."""
+    import functools
+
+    def spread(walk, chunks, latents_of):
+        pool = WorkerPool(options, functools.partial(InvertModel, model, context), comfy_prelude())
+        try:
+            yield from pool.map_chunks("invert", len(chunks), lambda k: (walk, latents_of(k)), check, "the inversion")
+        finally:
+            pool.close()
+
+    return spread
 
 
 def records_payload(editor):

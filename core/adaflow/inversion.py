@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -121,11 +121,53 @@ def check_disk(folder: str, nbytes: int) -> None:
             "at a larger disk.")
 
 
+@dataclass(frozen=True)
+class InversionWalk:
+    """The walk every frame takes (frames are independent): up `grid` from the clean latent, keeping the latents
+    at the grid indices `kept` (grid index -> trajectory row) for a sampler whose first sigma is `sigma_first`.
+    Picklable, so that other processes (Ray actors) can walk their own frames."""
+
+    grid: np.ndarray
+    kept: dict
+    steps: int
+    sigma_first: float
+
+    @torch.no_grad()
+    def frames(self, x0: torch.Tensor, eps: EpsFn, on_step: Callable[[int], None] | None = None,
+               into: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Clean sampler-space latents x0 [n, c, h, w] (on the model's device) -> (their trajectory rows
+        [steps + 1, n, c, h, w], their sampler start latents [n, c, h, w]), float16, written into `into` when
+        given (views of the whole trajectory: no second copy). `on_step(n)` after each step of the walk."""
+        grid = self.grid
+        rows, start = into if into is not None else (np.empty((self.steps + 1, *x0.shape), dtype=np.float16),
+                                                     np.empty(tuple(x0.shape), dtype=np.float16))
+        rows[self.steps] = x0.cpu().numpy()
+        x = x0 * float(np.sqrt(1 + grid[0] ** 2))  # the clean latent as a VP latent at grid[0]
+        for j in range(len(grid)):
+            if j > 0:
+                prev, nxt = float(grid[j - 1]), float(grid[j])
+                # the sampler-space latent at sigma_next whose VP latent (what the UNet sees) is x_prev's
+                x_same_vp = x * float(np.sqrt((1 + nxt ** 2) / (1 + prev ** 2)))
+                x = x + (nxt - prev) * eps(x_same_vp, nxt).float().to(x.device)
+                if on_step is not None:
+                    on_step(len(x))
+            if j in self.kept:
+                rows[self.kept[j]] = x.cpu().numpy()
+        # add_noise(x0, eps_top, t_first) in sampler space, eps_top = (x_top - x0) / sigma_top
+        start[...] = (x0 + (self.sigma_first / float(grid[-1])) * (x - x0)).cpu().numpy()
+        return rows, start
+
+
+# (walk, frame chunks, chunk k -> its clean latents) -> (k, (trajectory rows, start)) once per chunk, in any order
+SpreadInversion = Callable[[InversionWalk, list, Callable[[int], torch.Tensor]], Iterator[tuple[int, tuple]]]
+
+
 @torch.no_grad()
 def ddim_invert(latents: torch.Tensor, sigmas: np.ndarray, eps: EpsFn, frames_per_chunk: int,
                 folder: str | None = None, source_context: torch.Tensor | None = None,
                 on_progress: Callable[[int], None] | None = None,
-                device: torch.device | str | None = None, grid: np.ndarray | None = None) -> Inversion:
+                device: torch.device | str | None = None, grid: np.ndarray | None = None,
+                spread: SpreadInversion | None = None) -> Inversion:
     """Invert clean sampler-space latents [N, c, h, w] along `grid`, keeping the latents at `sigmas`.
 
     `sigmas`: the sampler's schedule (descending, ending at 0). `grid`: the ascending sigmas to invert along
@@ -133,7 +175,7 @@ def ddim_invert(latents: torch.Tensor, sigmas: np.ndarray, eps: EpsFn, frames_pe
     the sampler's own sigmas above a clean latent at sigma 0. `eps(x, sigma)` returns the model's noise
     estimate for sampler-space latents `x` at `sigma`. Frames are processed `frames_per_chunk` at a time
     through all steps, on `device` (the model's; default: where the latents are); `on_progress(done)`
-    counts frame-steps.
+    counts frame-steps. `spread`: the chunks are inverted elsewhere (Ray actors), each written as it comes back.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or np.any(np.diff(sigmas) >= 0):
@@ -143,31 +185,31 @@ def ddim_invert(latents: torch.Tensor, sigmas: np.ndarray, eps: EpsFn, frames_pe
         raise LongEditError("The inversion grid must be ascending sigmas from the clean latent's.",
                             "build it with inversion_grid().")
     steps = len(sigmas) - 1
-    kept = dict(zip(kept_indices(sigmas, grid), range(steps)))  # grid index -> trajectory row
+    walk = InversionWalk(grid=grid, kept=dict(zip(kept_indices(sigmas, grid), range(steps))), steps=steps,
+                         sigma_first=float(sigmas[0]))
     shape = (steps + 1, *latents.shape)
     if folder is not None:
         check_disk(folder, int(np.prod(shape)) * 2 + int(np.prod(latents.shape)) * 2)
     trajectory, path = new_trajectory(shape, folder)
     start, _ = new_trajectory(tuple(latents.shape), folder, "start.npy")
+    chunks = [slice(i0, min(i0 + frames_per_chunk, len(latents))) for i0 in range(0, len(latents), frames_per_chunk)]
     done = 0
-    for i0 in range(0, latents.shape[0], frames_per_chunk):
-        x0 = latents[i0:i0 + frames_per_chunk].float().to(device or latents.device)
-        rows = slice(i0, i0 + len(x0))
-        trajectory[steps, rows] = x0.cpu().numpy()
-        x = x0 * float(np.sqrt(1 + grid[0] ** 2))  # the clean latent as a VP latent at grid[0]
-        for j in range(len(grid)):
-            if j > 0:
-                prev, nxt = float(grid[j - 1]), float(grid[j])
-                # the sampler-space latent at sigma_next whose VP latent (what the UNet sees) is x_prev's
-                x_same_vp = x * float(np.sqrt((1 + nxt ** 2) / (1 + prev ** 2)))
-                x = x + (nxt - prev) * eps(x_same_vp, nxt).float().to(x.device)
-                done += len(x)
-                if on_progress is not None:
-                    on_progress(done)
-            if j in kept:
-                trajectory[kept[j], rows] = x.cpu().numpy()
-        # add_noise(x0, eps_top, t_first) in sampler space, eps_top = (x_top - x0) / sigma_top
-        start[rows] = (x0 + (float(sigmas[0]) / float(grid[-1])) * (x - x0)).cpu().numpy()
+
+    def count(frames: int) -> None:
+        nonlocal done
+        done += frames
+        if on_progress is not None:
+            on_progress(done)
+
+    if spread is None:
+        for rows in chunks:
+            walk.frames(latents[rows].float().to(device or latents.device), eps, count,
+                        into=(trajectory[:, rows], start[rows]))
+    else:
+        for k, (rows, first) in spread(walk, chunks, lambda k: latents[chunks[k]].float()):
+            trajectory[:, chunks[k]] = rows
+            start[chunks[k]] = first
+            count(len(first) * (len(grid) - 1))
     for array in (trajectory, start):
         if isinstance(array, np.memmap):
             array.flush()

@@ -159,6 +159,10 @@ class ChunkWorker:
         """Peak bytes torch allocated on this actor's GPU (0 on the CPU): for benchmarks."""
         return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
+    def call(self, method: str, *args):
+        """Another stage's work on the built model (e.g. 'invert' for a chunk of the inversion)."""
+        return getattr(self.model, method)(*args)
+
     def denoise(self, step: int, records: list, group: np.ndarray, current: torch.Tensor,
                 sigma: torch.Tensor) -> torch.Tensor:
         """`records` is [ObjectRef] (a list, so Ray leaves it unresolved): fetched once per step, not per chunk."""
@@ -231,17 +235,27 @@ class WorkerPool:
                        check: Callable[[], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Denoise every group on the actors; yields (group index, denoised) once per group, as they finish.
         `inputs(k)` gives group k's current latents and sigmas (read when the group is sent, again when resent)."""
+        shared = [self.ray.put(records)] if records is not None else []
+        yield from self._spread(len(groups), lambda actor, k: actor.denoise.remote(step, shared, groups[k], *inputs(k)),
+                                check, f"step {step + 1}")
+
+    def map_chunks(self, method: str, count: int, inputs: Callable[[int], tuple],
+                   check: Callable[[], None] | None = None, stage: str = "this stage") -> Iterator[tuple[int, Any]]:
+        """The built model's `method(*inputs(k))` for k < count on the actors; yields (k, result) once per k, as
+        they finish (a lost actor's chunks are rerun on the others)."""
+        yield from self._spread(count, lambda actor, k: actor.call.remote(method, *inputs(k)), check, stage)
+
+    def _spread(self, count: int, send: Callable[[Any, int], Any], check: Callable[[], None] | None,
+                stage: str) -> Iterator[tuple[int, Any]]:
         ray = self.ray
-        shared = [ray.put(records)] if records is not None else []
-        queue = ChunkQueue(len(groups), self.live)
-        pending: dict = {}  # ObjectRef -> (group index, actor index)
+        queue = ChunkQueue(count, self.live)
+        pending: dict = {}  # ObjectRef -> (chunk index, actor index)
         try:
             while not queue.finished:
                 for k, a in queue.hand_out():
-                    current, sigma = inputs(k)
-                    pending[self.actors[a].denoise.remote(step, shared, groups[k], current, sigma)] = (k, a)
+                    pending[send(self.actors[a], k)] = (k, a)
                 if not pending:
-                    raise LongEditError(f"All {len(self.actors)} Ray workers were lost during step {step + 1}.",
+                    raise LongEditError(f"All {len(self.actors)} Ray workers were lost during {stage}.",
                                         "check the workers' log (ray logs: out of memory? node down?), then run "
                                         "the edit again: it resumes from the last completed step.")
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
@@ -250,12 +264,12 @@ class WorkerPool:
                 for ref in ready:
                     k, a = pending.pop(ref)
                     try:
-                        denoised = ray.get(ref)
+                        result = ray.get(ref)
                     except ray.exceptions.RayActorError:
                         self.lose(queue, a, pending)
                         continue
                     if queue.complete(k, a):
-                        yield k, denoised
+                        yield k, result
         except BaseException:
             self.close()
             raise

@@ -134,16 +134,20 @@ def test_gpus_puts_the_spread_node_between_the_last_adaflow_model_and_its_sample
     prompt = load_workflow("adaflow_long_video_edit").api
     before = json.loads(json.dumps(prompt))
     added = spread_over_gpus(prompt, 3, "ray://head:10001")
-    assert len(added) == 1
-    spread = prompt[added[0]]
-    assert spread["class_type"] == "LongEditSpreadOverGpus"
-    assert spread["inputs"] == {"model": ["11", 0], "gpus": 3, "ray_address": "ray://head:10001"}
+    assert len(added) == 2
+    sampling, inversion = (prompt[i] for i in added)
+    assert sampling["class_type"] == inversion["class_type"] == "LongEditSpreadOverGpus"
+    assert sampling["inputs"] == {"model": ["11", 0], "gpus": 3, "ray_address": "ray://head:10001"}
     assert prompt["12"]["inputs"]["model"] == [added[0], 0]  # the sampler now samples the spread model
+    # AdaFlow Invert spreads its chunks too: its MODEL (the checkpoint's) goes through a spread node
+    assert inversion["inputs"] == {"model": ["1", 0], "gpus": 3, "ray_address": "ray://head:10001"}
+    assert prompt["9"]["inputs"]["model"] == [added[1], 0]
     for node_id, entry in before.items():  # nothing else moved: the chain edit -> propagation keeps its links
-        if node_id != "12":
+        if node_id not in ("12", "9"):
             assert prompt[node_id] == entry, node_id
-    assert {k: v for k, v in prompt["12"]["inputs"].items() if k != "model"} == \
-        {k: v for k, v in before["12"]["inputs"].items() if k != "model"}
+    for node_id in ("12", "9"):
+        assert {k: v for k, v in prompt[node_id]["inputs"].items() if k != "model"} == \
+            {k: v for k, v in before[node_id]["inputs"].items() if k != "model"}
 
 
 def test_gpus_without_an_adaflow_edit_is_refused():

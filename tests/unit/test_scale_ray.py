@@ -164,3 +164,61 @@ def test_cancel_stops_every_worker(cluster, problem):
     for actor in actors:  # killed, not merely left idle
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.ready.remote(), timeout=30)
+
+
+# ------------------------------------------------------------------------------------- the inversion, spread
+def toy_eps(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Elementwise, so that a frame's walk does not depend on the chunk it is in."""
+    return torch.tanh(0.7 * x) * (1 + 0.1 * sigma) + 0.05 * x
+
+
+class ToyInverter:
+    """What a worker holds for the inversion; `kill` (a marker path): exit the process on its second chunk, once."""
+
+    def __init__(self, kill: str | None = None):
+        self.kill, self.chunks = kill, 0
+
+    def invert(self, walk, x0):
+        self.chunks += 1
+        if self.kill and self.chunks == 2 and not os.path.exists(self.kill):
+            open(self.kill, "w").close()
+            os._exit(1)
+        return walk.frames(x0, toy_eps)
+
+
+def invert(latents, pool=None, check=None):
+    from longedit.core.adaflow.inversion import ddim_invert
+
+    sigmas = np.append(np.geomspace(9.0, 0.2, STEPS), 0.0)
+    grid = np.concatenate([[0.03], np.geomspace(0.1, 9.0, 11), sigmas[-2::-1]])
+    grid = np.unique(grid)
+    spread = None if pool is None else (
+        lambda walk, chunks, latents_of: pool.map_chunks("invert", len(chunks), lambda k: (walk, latents_of(k)),
+                                                         check, "the inversion"))
+    return ddim_invert(latents, sigmas, toy_eps, CHUNK, grid=grid, spread=spread)
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_the_inversion_spread_over_workers_is_the_one_process_inversion(cluster, tmp_path, killed):
+    """Chunks of frames walk the inversion grid on 2 workers (one killed after its first chunk, whose second
+    chunk then runs on the other): trajectory and start latents equal the one-process inversion's bit for bit,
+    every frame in its own row."""
+    latents = torch.from_numpy(np.random.default_rng(3).normal(size=(FRAMES, 3, 5)).astype(np.float32))
+    one = invert(latents)
+    marker = tmp_path / "killed"
+    pool = WorkerPool(ScaleOptions(workers=2), functools.partial(ToyInverter, str(marker) if killed else None))
+    try:
+        spread = invert(latents, pool)
+        assert marker.exists() == killed and len(pool.lost) == int(killed)
+    finally:
+        pool.close()
+    assert np.array_equal(spread.trajectory, one.trajectory) and np.array_equal(spread.start, one.start)
+    assert not np.array_equal(one.trajectory[:, 0], one.trajectory[:, 1])  # frames differ: a mix-up would show
+
+
+def test_the_inversion_stops_with_a_clear_error_when_every_worker_is_lost(cluster, tmp_path):
+    latents = torch.zeros(FRAMES, 3, 5)
+    pool = WorkerPool(ScaleOptions(workers=1), functools.partial(ToyInverter, str(tmp_path / "k")))
+    with pytest.raises(LongEditError, match="All 1 Ray workers were lost during the inversion"):
+        invert(latents, pool)
+    assert pool.actors == []
