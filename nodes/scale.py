@@ -152,13 +152,16 @@ class SpreadOverGpus(io.ComfyNode):
             display_name="Spread Edit over GPUs (Ray)",
             category="LongEdit/scale",
             description=(
-                "Runs an AdaFlow edit's sampling on several GPUs or machines: each step's keyframe pass runs here, "
+                "Runs an AdaFlow edit on several GPUs or machines: each sampling step's keyframe pass runs here, "
                 "then the other frames' chunks run on Ray actors, one per GPU, each holding this model once; the "
-                "results come back in frame order. The output is the one-GPU output. Needs Ray "
-                "(pip install longedit[ray]) and a keyframe plan (AdaFlow Keyframe Selection)."),
+                "results come back in frame order. On the MODEL that AdaFlow Invert takes, it spreads the "
+                "inversion's chunks of frames over the actors too. The output is the one-GPU output. Needs Ray "
+                "(pip install longedit[ray]) and, for sampling, a keyframe plan (AdaFlow Keyframe Selection)."),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL patched by AdaFlow Keyframe Editing (and Latent "
-                                                "Propagation): put this node after them, before the sampler."),
+                                                "Propagation): put this node after them, before the sampler. "
+                                                "A second one on the MODEL going into AdaFlow Invert spreads the "
+                                                "inversion."),
                 io.Int.Input("gpus", default=2, min=1, max=4096,
                              tooltip="Number of GPUs (one Ray actor each). With fewer GPUs than actors, actors "
                                      "share them. 1: sample in this process, as without this node."),

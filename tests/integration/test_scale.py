@@ -1,8 +1,9 @@
 """Spread Edit over GPUs in ComfyUI: an AdaFlow edit with propagation sampled by a local Ray cluster of 2 CPU
 workers, each holding the patched model (unpickled once), gives the one-process output bit for bit: the
-workers run the very chunks the one process runs, on the same device and dtype. Also with a worker killed in
-the middle of a step (its chunks rerun on the other), and Cancel stops every worker. (Every worker lost:
-tests/unit/test_scale_ray.py.)
+workers run the very chunks the one process runs, on the same device and dtype; AdaFlow Invert on a MODEL
+with the spread option inverts its chunks on the workers, bit for bit the one-process inversion. Also with a
+worker killed in the middle of a step (its chunks rerun on the other), and Cancel stops every worker. (Every
+worker lost: tests/unit/test_scale_ray.py.)
 
 Runs ComfyUI in-process (COMFYUI_VENV's Python, with Ray) on the CPU with a small random-weight SD2.x UNet
 of the real architecture, 19 frames in 3 clips, non-keyframes in chunks of 2 frames (the one process and the
@@ -43,9 +44,26 @@ start, inv = invert_node.AdaFlowInvert.execute(model, {"samples": latents}, [[em
                                                inversion_steps=STEPS).args
 positive = [[torch.randn(1, 77, 64), {}]]
 
+# AdaFlow Invert on a MODEL with the spread option: chunks of frames walk the inversion grid on 2 workers, each
+# holding the model; the one-process inversion's trajectory and start latents, bit for bit (same 2-frame chunks)
+invert_node.frames_per_chunk = lambda *a: CHUNK
+started = {}
+pool_class = scale_node.WorkerPool
+scale_node.WorkerPool = lambda *a, **k: started.setdefault("pool", pool_class(*a, **k))
+spread_model = scale_node.SpreadOverGpus.execute(model, 2, "").args[0]
+spread_start, spread_inv = invert_node.AdaFlowInvert.execute(
+    spread_model, {"samples": latents}, [[empty, {}]], STEPS, "ddim_uniform", inversion_steps=STEPS).args
+scale_node.WorkerPool = pool_class
+one_start, one_inv = invert_node.AdaFlowInvert.execute(model, {"samples": latents}, [[empty, {}]], STEPS,
+                                                       "ddim_uniform", inversion_steps=STEPS).args
+assert "pool" in started and len(set(started["pool"].pids)) == 2 and started["pool"].actors == []
+assert torch.equal(spread_start["samples"], one_start["samples"])
+assert (spread_inv.trajectory == one_inv.trajectory).all() and spread_inv.trajectory.shape[1] == FRAMES
+print("the inversion on 2 workers == 1 process, bit for bit")
+
 pools, hooks = [], {}
 start_pool = edit_node.start_pool
-edit_node.start_pool = lambda *a: pools.append(start_pool(*a)) or pools[-1]
+edit_node.start_pool = lambda *a, **k: pools.append(start_pool(*a, **k)) or pools[-1]
 payload = edit_node.records_payload
 
 
