@@ -13,7 +13,8 @@ VIDEO_LOADERS = {"LongEditLoadVideo": "video", "LoadVideo": "file"}  # node type
 ADAFLOW_MODEL_NODES = ("LongEditAdaFlowKeyframeEditing", "LongEditAdaFlowLatentPropagation",
                        "LongEditAdaFlowAttentionSlimming")
 SPREAD_NODE = "LongEditSpreadOverGpus"
-SPREAD_STAGE_NODES = ("LongEditAdaFlowInvert",)  # stages before sampling that spread over the actors too
+# stages before sampling that spread over the actors too
+SPREAD_STAGE_NODES = ("LongEditAdaFlowKeyframeSelection", "LongEditAdaFlowInvert")
 
 
 class CliError(Exception):
@@ -215,9 +216,9 @@ def write_sample(path: Path) -> None:
 
 def spread_over_gpus(prompt: dict, gpus: int, address: str = "") -> list[str]:
     """--gpus / --ray-address: put Spread Edit over GPUs (Ray) between the AdaFlow-patched MODEL and whatever
-    samples with it, and before AdaFlow Invert's MODEL; returns the new node ids. Nodes that patch the model
-    further (Latent Propagation after Keyframe Editing) keep their input: the option goes on the last model of
-    the chain."""
+    samples with it, and on the MODEL of Keyframe Selection and Invert; returns the new node ids. Nodes that
+    patch the model further (Latent Propagation after Keyframe Editing) keep their input: the option goes on
+    the last model of the chain."""
     if gpus < 1:
         raise CliError(f"--gpus {gpus}: give 1 or more")
     patched = {i for i, e in prompt.items() if e["class_type"] in ADAFLOW_MODEL_NODES}
@@ -238,14 +239,17 @@ def spread_over_gpus(prompt: dict, gpus: int, address: str = "") -> list[str]:
                     spread_of[link[0]] = new_id
                     added.append(new_id)
                 entry["inputs"][name] = [spread_of[link[0]], 0]
+    stage_spread = {}  # one node per MODEL the stages take
     for entry in list(prompt.values()):  # stages that spread their own work read the option from their MODEL
         link = entry["inputs"].get("model")
         if entry["class_type"] in SPREAD_STAGE_NODES and isinstance(link, list) \
                 and prompt[link[0]]["class_type"] != SPREAD_NODE:
-            new_id = str(max((int(i) for i in prompt if i.isdigit()), default=0) + 1)
-            prompt[new_id] = {"class_type": SPREAD_NODE, "inputs": {"model": link, "gpus": int(gpus),
-                                                                     "ray_address": address},
-                              "_meta": {"title": f"Spread over {gpus} GPUs (--gpus)"}}
-            entry["inputs"]["model"] = [new_id, 0]
-            added.append(new_id)
+            if tuple(link) not in stage_spread:
+                new_id = str(max((int(i) for i in prompt if i.isdigit()), default=0) + 1)
+                prompt[new_id] = {"class_type": SPREAD_NODE, "inputs": {"model": link, "gpus": int(gpus),
+                                                                         "ray_address": address},
+                                  "_meta": {"title": f"Spread over {gpus} GPUs (--gpus)"}}
+                stage_spread[tuple(link)] = new_id
+                added.append(new_id)
+            entry["inputs"]["model"] = [stage_spread[tuple(link)], 0]
     return added

@@ -20,9 +20,11 @@ from ..core.adaflow.dift import dift_feature_chunks
 from ..core.errors import LongEditError
 from ..core.adaflow.keyframes import AksParams, KeyframePlan, select_keyframes
 from ..core.memory import frames_per_chunk
+from ..core.scale.pool import dispatch_frames
 from ..core.adaflow.preview import plan_preview
 from ..core.resume import Fingerprint
 from ..core.stage_cache import CachedStage, StageCache, source_digest
+from .scale import features_spread, scale_options
 from .comfy_glue import (CACHE_LIMIT_BYTES, LongVideoType, Progress, add_model_identity, cache_dir, check_sd_unet,
                          latent_thumbnails, scratch_dir)
 from .video_encode import encode_long_video
@@ -207,9 +209,15 @@ class AdaFlowKeyframeSelection(io.ComfyNode):
             per_frame = patcher.memory_required([ensemble, *samples.shape[1:]])
             mm.load_models_gpu([patcher], memory_required=per_frame)
             chunk = frames_per_chunk(mm.get_free_memory(device), per_frame, 1)
+            options = scale_options(model.model_options)  # Spread Edit over GPUs on this MODEL
+            spread = None if options is None else features_spread(options, model, context, feature_timestep,
+                                                                   progress.check)
+            if spread is not None:  # a few chunks per actor, so that they finish together
+                chunk = dispatch_frames(samples.shape[0], options.workers, chunk)
 
             def features():
-                for part in dift_feature_chunks(samples, featurize, ensemble, seed, chunk):
+                for part in dift_feature_chunks(samples, featurize, ensemble, seed, chunk, spread=spread):
+                    part = part.to(device)  # from the actors: on the host
                     progress.check()
                     yield part
 

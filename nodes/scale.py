@@ -1,10 +1,10 @@
-"""Spread Edit over GPUs: MODEL -> MODEL option that runs AdaFlow's inversion and each sampling step's propagation
-chunks on Ray actors.
+"""Spread Edit over GPUs: MODEL -> MODEL option that runs AdaFlow's keyframe features, inversion and each sampling
+step's propagation chunks on Ray actors.
 
-The node only sets options on a clone. AdaFlow Invert reads them and inverts chunks of frames on the actors; the
-pass-by-pass sampler (adaflow_edit.sample_by_passes) starts one actor per GPU holding the patched model, runs
-each step's keyframe pass itself and sends the step's keyframe record and the other frames' chunks to the
-actors (core/scale)."""
+The node only sets options on a clone. AdaFlow Keyframe Selection and Invert read them and run chunks of frames
+(DIFT features, the inversion walk) on the actors; the pass-by-pass sampler (adaflow_edit.sample_by_passes)
+starts one actor per GPU holding the patched model, runs each step's keyframe pass itself and sends the step's
+keyframe record and the other frames' chunks to the actors (core/scale)."""
 from __future__ import annotations
 
 import torch
@@ -98,19 +98,57 @@ class InvertModel:
         return rows, start
 
 
+class FeatureModel:
+    """Built inside each Ray actor, once: the MODEL's DIFT featurizer, for chunks of AdaFlow Keyframe Selection."""
+
+    def __init__(self, patcher, context: torch.Tensor, timestep: int):
+        from .adaflow_keyframes import make_featurizer
+
+        patcher.model.to(patcher.load_device)
+        self.patcher, self.featurize = make_featurizer(patcher, context, timestep)
+
+    def features(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """A chunk's ensemble-averaged features (float16, on the host), re-split to this actor's free memory."""
+        import comfy.model_management as mm
+
+        from ..core.adaflow.dift import ensemble_features
+        from ..core.memory import frames_per_chunk
+
+        per_frame = self.patcher.memory_required([noise.shape[0], *x0.shape[1:]])
+        chunk = frames_per_chunk(mm.get_free_memory(self.patcher.load_device), per_frame, 1)
+        return torch.cat([ensemble_features(self.featurize, x0[i:i + chunk], noise).cpu()
+                          for i in range(0, len(x0), chunk)])
+
+
+def stage_spread(options: ScaleOptions, build, method: str, stage: str, check):
+    """A stage's `spread` (core: ddim_invert's, dift_feature_chunks'): its chunks run `method` on Ray actors built
+    by `build`; the actors start with the first chunk and stop with the last. `check` raises on Cancel."""
+
+    def spread(inputs_of, count: int):
+        pool = WorkerPool(options, build, comfy_prelude())
+        try:
+            yield from pool.map_chunks(method, count, inputs_of, check, stage)
+        finally:
+            pool.close()
+
+    return spread
+
+
+def features_spread(options: ScaleOptions, model, context: torch.Tensor, timestep: int, check):
+    import functools
+
+    run = stage_spread(options, functools.partial(FeatureModel, model, context, timestep), "features",
+                       "keyframe selection", check)
+    return lambda chunks, inputs_of: run(inputs_of, len(chunks))
+
+
 def inversion_spread(options: ScaleOptions, model, context: torch.Tensor, check):
     """AdaFlow Invert's chunks on Ray actors (core/adaflow/inversion.ddim_invert's `spread`); the actors start
     with the first chunk and stop with the last. `check` raises on Cancel."""
     import functools
 
-    def spread(walk, chunks, latents_of):
-        pool = WorkerPool(options, functools.partial(InvertModel, model, context), comfy_prelude())
-        try:
-            yield from pool.map_chunks("invert", len(chunks), lambda k: (walk, latents_of(k)), check, "the inversion")
-        finally:
-            pool.close()
-
-    return spread
+    run = stage_spread(options, functools.partial(InvertModel, model, context), "invert", "the inversion", check)
+    return lambda walk, chunks, latents_of: run(lambda k: (walk, latents_of(k)), len(chunks))
 
 
 def records_payload(editor):
@@ -154,14 +192,15 @@ class SpreadOverGpus(io.ComfyNode):
             description=(
                 "Runs an AdaFlow edit on several GPUs or machines: each sampling step's keyframe pass runs here, "
                 "then the other frames' chunks run on Ray actors, one per GPU, each holding this model once; the "
-                "results come back in frame order. On the MODEL that AdaFlow Invert takes, it spreads the "
-                "inversion's chunks of frames over the actors too. The output is the one-GPU output. Needs Ray "
+                "results come back in frame order. On the MODEL that AdaFlow Keyframe Selection and Invert take, it "
+                "spreads their chunks of frames (DIFT features, inversion) over the actors too. The output is the "
+                "one-GPU output. Needs Ray "
                 "(pip install longedit[ray]) and, for sampling, a keyframe plan (AdaFlow Keyframe Selection)."),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL patched by AdaFlow Keyframe Editing (and Latent "
                                                 "Propagation): put this node after them, before the sampler. "
-                                                "A second one on the MODEL going into AdaFlow Invert spreads the "
-                                                "inversion."),
+                                                "A second one on the MODEL going into Keyframe Selection and "
+                                                "Invert spreads their work."),
                 io.Int.Input("gpus", default=2, min=1, max=4096,
                              tooltip="Number of GPUs (one Ray actor each). With fewer GPUs than actors, actors "
                                      "share them. 1: sample in this process, as without this node."),

@@ -137,7 +137,9 @@ def actor_gpu_cap(free: int, share: float, reserve: int) -> int:
 
 
 def gpu_uuid() -> str | None:
-    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
 
 
 class ChunkWorker:

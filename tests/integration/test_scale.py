@@ -1,7 +1,8 @@
 """Spread Edit over GPUs in ComfyUI: an AdaFlow edit with propagation sampled by a local Ray cluster of 2 CPU
 workers, each holding the patched model (unpickled once), gives the one-process output bit for bit: the
 workers run the very chunks the one process runs, on the same device and dtype; AdaFlow Invert on a MODEL
-with the spread option inverts its chunks on the workers, bit for bit the one-process inversion. Also with a
+with the spread option inverts its chunks on the workers, bit for bit the one-process inversion, and Keyframe
+Selection's DIFT features come from the workers, giving the one-process plan. Also with a
 worker killed in the middle of a step (its chunks rerun on the other), and Cancel stops every worker. (Every
 worker lost: tests/unit/test_scale_ray.py.)
 
@@ -60,6 +61,22 @@ assert "pool" in started and len(set(started["pool"].pids)) == 2 and started["po
 assert torch.equal(spread_start["samples"], one_start["samples"])
 assert (spread_inv.trajectory == one_inv.trajectory).all() and spread_inv.trajectory.shape[1] == FRAMES
 print("the inversion on 2 workers == 1 process, bit for bit")
+
+# AdaFlow Keyframe Selection on that MODEL: the DIFT features of chunks of frames come from the workers, in frame
+# order; the same plan (clips, candidates, correspondences, AAS scores) as in one process
+keys_node.frames_per_chunk = lambda *a: CHUNK
+started.clear()
+scale_node.WorkerPool = lambda *a, **k: started.setdefault("pool", pool_class(*a, **k))
+spread_plan = keys_node.AdaFlowKeyframeSelection.execute(spread_model, 0.0, 0.0, 7, 50, 1, 3, 1,
+                                                         latent={"samples": latents}).args[0]
+scale_node.WorkerPool = pool_class
+one_plan = keys_node.AdaFlowKeyframeSelection.execute(model, 0.0, 0.0, 7, 50, 1, 3, 1,
+                                                      latent={"samples": latents}).args[0]
+assert "pool" in started and started["pool"].actors == []
+assert (spread_plan.clip_starts == one_plan.clip_starts).all() and (spread_plan.candidates == one_plan.candidates).all()
+assert all((a == b).all() for a, b in zip(spread_plan.matches, one_plan.matches))
+assert (spread_plan.aas_scores == one_plan.aas_scores).all() and spread_plan.clip_count == 3
+print("keyframe selection's features on 2 workers: the one-process plan")
 
 pools, hooks = [], {}
 start_pool = edit_node.start_pool

@@ -139,13 +139,14 @@ def test_gpus_puts_the_spread_node_between_the_last_adaflow_model_and_its_sample
     assert sampling["class_type"] == inversion["class_type"] == "LongEditSpreadOverGpus"
     assert sampling["inputs"] == {"model": ["11", 0], "gpus": 3, "ray_address": "ray://head:10001"}
     assert prompt["12"]["inputs"]["model"] == [added[0], 0]  # the sampler now samples the spread model
-    # AdaFlow Invert spreads its chunks too: its MODEL (the checkpoint's) goes through a spread node
+    # Keyframe Selection and Invert spread their chunks too: their MODEL (the checkpoint's) goes through one
+    # spread node
     assert inversion["inputs"] == {"model": ["1", 0], "gpus": 3, "ray_address": "ray://head:10001"}
-    assert prompt["9"]["inputs"]["model"] == [added[1], 0]
+    assert prompt["9"]["inputs"]["model"] == prompt["6"]["inputs"]["model"] == [added[1], 0]
     for node_id, entry in before.items():  # nothing else moved: the chain edit -> propagation keeps its links
-        if node_id not in ("12", "9"):
+        if node_id not in ("12", "9", "6"):
             assert prompt[node_id] == entry, node_id
-    for node_id in ("12", "9"):
+    for node_id in ("12", "9", "6"):
         assert {k: v for k, v in prompt[node_id]["inputs"].items() if k != "model"} == \
             {k: v for k, v in before[node_id]["inputs"].items() if k != "model"}
 

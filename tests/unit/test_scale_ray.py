@@ -222,3 +222,51 @@ def test_the_inversion_stops_with_a_clear_error_when_every_worker_is_lost(cluste
     with pytest.raises(LongEditError, match="All 1 Ray workers were lost during the inversion"):
         invert(latents, pool)
     assert pool.actors == []
+
+
+# ------------------------------------------------------------------------- keyframe selection's features, spread
+def toy_featurize(x, noise):
+    """Per sample: a feature map from the noised latent (what DIFT's UNet call is, in shape)."""
+    return torch.tanh(x + 0.3 * noise).repeat(1, 2, 1, 1)
+
+
+class ToyFeaturizer:
+    def features(self, x0, noise):
+        from longedit.core.adaflow.dift import ensemble_features
+
+        return ensemble_features(toy_featurize, x0, noise)
+
+
+def test_keyframe_features_spread_over_workers_come_back_in_frame_order(cluster):
+    """DIFT features of chunks of frames computed on 2 workers are yielded in frame order (what keyframe
+    selection streams through), equal to the one-process features."""
+    from longedit.core.adaflow.dift import dift_feature_chunks
+
+    latents = torch.from_numpy(np.random.default_rng(5).normal(size=(FRAMES, 2, 3, 5)).astype(np.float32))
+    one = list(dift_feature_chunks(latents, toy_featurize, 3, 0, CHUNK))
+    pool = WorkerPool(ScaleOptions(workers=2), ToyFeaturizer)
+    try:
+        on_workers = lambda chunks, inputs: pool.map_chunks("features", len(chunks), inputs)  # noqa: E731
+        spread = list(dift_feature_chunks(latents, toy_featurize, 3, 0, CHUNK, spread=on_workers))
+    finally:
+        pool.close()
+    assert [len(p) for p in spread] == [len(p) for p in one] and torch.equal(torch.cat(spread), torch.cat(one))
+    assert not torch.equal(one[0][0], one[0][1])
+
+
+def test_results_arriving_out_of_order_are_yielded_in_order_as_soon_as_they_can_be():
+    from longedit.core.adaflow.dift import in_order
+
+    arrived = []
+
+    def results():
+        for k in (2, 0, 3, 1, 4):
+            arrived.append(k)
+            yield k, f"chunk {k}"
+
+    out = []
+    for value in in_order(results()):
+        out.append((value, list(arrived)))
+    assert [v for v, _ in out] == [f"chunk {k}" for k in range(5)]
+    # chunk 0 goes out as soon as it arrives (second), 1 brings 1, 2 and 3 with it
+    assert [len(seen) for _, seen in out] == [2, 4, 4, 4, 5]
