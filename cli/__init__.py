@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server", metavar="URL", help="run on this ComfyUI (e.g. http://127.0.0.1:8188) instead of "
                                                      "in this process")
     run.add_argument("--gpus", type=int, default=1, metavar="N",
-                     help="spread the AdaFlow edit (keyframe features, inversion, sampling) over N GPUs (Ray actors; needs `pip install "
-                          "longedit[ray]` in ComfyUI's Python)")
+                     help="spread the AdaFlow edit (keyframe features, inversion, sampling) over N GPUs (Ray actors; "
+                          "needs `pip install longedit[ray]` in ComfyUI's Python)")
     run.add_argument("--ray-address", default="", metavar="ADDR",
                      help="with --gpus: a running Ray cluster (e.g. auto, ray://head:10001) instead of a local one")
     run.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's log (INFO)")
