@@ -241,7 +241,9 @@ class FeatureInjection(nn.Sequential):
 
     It keeps the original child modules under the same names (so weight patches such as LoRAs still find
     them) and, while a pass with injection on is running, hands the source branch's features to the edited
-    branches (TokenFlow/AdaFlow inject at up_blocks[1].resnets[1], before the skip connection)."""
+    branches (TokenFlow/AdaFlow inject at up_blocks[1].resnets[1], before the skip connection). A chunk whose
+    source branch runs apart stops its source-only call here (`capture`) and hands the edited call the
+    captured feature (`source_feature`) without computing its own."""
 
     def __init__(self, original: nn.Sequential, current_layout: Callable[[], PassLayout | None]):
         super().__init__(*original)
