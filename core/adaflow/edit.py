@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attention import PassLayout, Propagation, aas_selection, as_index, pnp_active_steps
-from .records import KeyframeRecords
+from .records import KeyframeRecords, record_rows
 from ..errors import LongEditError
 from .inversion import Inversion
 from .keyframes import AAS_LEVEL, KeyframePlan
@@ -208,7 +208,7 @@ class KeyframeEditor:
         sigmas = sigma.flatten()[:1].to(device).expand(k)
         if use == "feature":
             layout.source_feature = self._source_feature(run, source, sigmas, source_context.expand(k, -1, -1),
-                                                         frames_idx, step, propagate, device)
+                                                         layout.propagate, device)
         # The host may keep the conditioning on another device than the latents (ComfyUI moves it later).
         latents, contexts = [x[rows].to(device)], [context[rows.to(context.device)].to(device)]
         if use == "full":
@@ -217,12 +217,15 @@ class KeyframeEditor:
         denoised = run(torch.cat(latents), sigmas.repeat(layout.branches), torch.cat(contexts), layout)
         out[rows] = denoised[k if use == "full" else 0:].to(out.device, out.dtype)
 
-    def _source_feature(self, run: RunModel, source, sigmas, source_context, frames_idx, step: int,
-                        propagate: bool, device) -> torch.Tensor:
-        """The source branch's PnP residual feature for a chunk: its forward up to that layer, then stopped."""
-        layout = PassLayout(frames=len(frames_idx), branches=1, has_source=True, inject_qk=False, inject_conv=True,
-                            extended=False, capture={},
-                            propagate=self.propagation(frames_idx, step, [], device) if propagate else None)
+    def _source_feature(self, run: RunModel, source, sigmas, source_context, propagate: Propagation | None,
+                        device) -> torch.Tensor:
+        """The source branch's PnP residual feature for a chunk: its forward up to that layer, then stopped.
+        `propagate`: the edited branches' (the same gathers, read from the record's source row)."""
+        if propagate is not None:
+            propagate = Propagation(recorded=propagate.recorded.with_rows(record_rows([], True, device)),
+                                    index=propagate.index)
+        layout = PassLayout(frames=len(source), branches=1, has_source=True, inject_qk=False, inject_conv=True,
+                            extended=False, capture={}, propagate=propagate)
         try:
             run(source, sigmas, source_context, layout)
         except SourceFeatureReady:

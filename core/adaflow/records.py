@@ -71,8 +71,12 @@ class KeyframeRecords:
         for c in clips:
             if c not in self._on_device:
                 self._on_device[c] = {layer: t[c].to(device, non_blocking=self.pin) for layer, t in self.layers.items()}
-        rows = torch.tensor(([0] if source else []) + [1 + int(b) for b in branch_ids], device=device)
-        return ClipRecords([self._on_device[c] for c in clips], rows)
+        return ClipRecords([self._on_device[c] for c in clips], record_rows(branch_ids, source, device))
+
+
+def record_rows(branch_ids: list[int], source: bool, device) -> torch.Tensor:
+    """The record's rows of the source (when `source`) and of the branches `branch_ids`, in that order."""
+    return torch.tensor(([0] if source else []) + [1 + int(b) for b in branch_ids], device=device)
 
 
 class RecordWriter:
@@ -91,6 +95,10 @@ class ClipRecords:
 
     def __init__(self, per_clip: list[dict], rows: torch.Tensor):
         self.per_clip, self.rows = per_clip, rows
+
+    def with_rows(self, rows: torch.Tensor) -> "ClipRecords":
+        """The same clips' records, other rows (no copy)."""
+        return ClipRecords(self.per_clip, rows)
 
     def __getitem__(self, layer) -> torch.Tensor:
         return torch.cat([clip[layer].index_select(0, self.rows) for clip in self.per_clip], dim=1)
