@@ -131,8 +131,9 @@ class GpuBudget:
 
 
 # Of what is free for the actors, the part their allocators may take: the rest is for what no per-process cap
-# counts (each actor's CUDA context, ~0.5 GiB; the caching allocator's fragmentation). Measured on one H200: two
-# actors capped at half the card beside a sampling process holding 20.4 GiB filled it to 38 MiB and failed.
+# counts (each actor's CUDA context, typically 0.5-1 GiB, not measured here; the caching allocator's
+# fragmentation). Measured on one H200: two actors capped at half the card beside a sampling process holding
+# 20.4 GiB filled it to 38 MiB and failed.
 ACTOR_HEADROOM = 0.9
 
 
