@@ -26,7 +26,8 @@ projects the wall time of longer runs (--project) from them.
 --gpus 1,2 also runs the adaflow rows spread over that many Ray actors (Spread Edit over GPUs; a local Ray
 cluster on this machine's GPUs, actors sharing them when fewer): ms per frame per step after the actors
 started, the actors' start time, speedup and scaling efficiency against the 1-GPU row (t1 / (N * tN)), and
-each actor's and the sampling process's GPU peak.
+each actor's and the sampling process's GPU peak; --records-via auto,'torch.distributed','object store' runs
+a row for each way the keyframe record reaches the actors, with the seconds each actor took to receive it.
 
 Run:  python bench/long_edit.py --comfy /tmp/comfyui --frames 1000,10000 --gpu-memory 8,12 --modes floor,adaflow
       python bench/long_edit.py --e2e --comfy /tmp/comfyui --frames 200,500 --project 1000,10000
@@ -215,7 +216,7 @@ def child(args) -> None:
                                 folder=os.path.join(folder, "inversion"), source_context=context, device=device)
         t2 = time.perf_counter()
         patched = propagate_from_keyframes(patch_model(model, inversion, plan, 0.8, 0.8, budget), plan)
-        spread = spread_over(patched, args.gpus, result) if args.gpus > 1 else None
+        spread = spread_over(patched, args.gpus, result, args.records_via) if args.gpus > 1 else None
         patched = patched if spread is None else spread
         memory_plan = card_plan(patched, inversion, plan)
         print(memory_plan.describe(), flush=True)
@@ -367,8 +368,8 @@ def e2e_projection(rate: dict, frames: int, steps: int, inversion_steps: int) ->
 
 
 def print_e2e(rows: list[dict], project: list[int], steps: int, inversion_steps: int) -> None:
-    print(f"\nend to end, the shipped adaflow_long_video_edit workflow through the headless runner "
-          f"(seconds per stage)")
+    print("\nend to end, the shipped adaflow_long_video_edit workflow through the headless runner "
+          "(seconds per stage)")
     print("| frames | steps (inversion) | " + " | ".join(E2E_ORDER) + " | total s | s per frame | GPU peak GiB |")
     print("|---" * (len(E2E_ORDER) + 5) + "|")
     done = [r for r in rows if r.get("mode") == "e2e" and "error" not in r]
@@ -389,8 +390,9 @@ def print_e2e(rows: list[dict], project: list[int], steps: int, inversion_steps:
               + f"; fixed {rate['load']:.1f} s")
 
 
-def spread_over(patched, gpus: int, result: dict):
-    """The model with Spread Edit over GPUs set; records the actors' start time and GPU peaks into `result`."""
+def spread_over(patched, gpus: int, result: dict, records_via: str):
+    """The model with Spread Edit over GPUs set; records the actors' start time, GPU peaks and how long they took
+    to receive each step's keyframe record into `result`."""
     import longedit.nodes.adaflow_edit as edit_node
     from longedit.nodes.scale import with_scale
 
@@ -405,6 +407,9 @@ def spread_over(patched, gpus: int, result: dict):
         def close_with_peaks():
             if pool.actors:
                 result["worker_gpu_peaks"] = pool.gpu_peaks()
+                receipts = pool.record_receipts()
+                result["records_seen"] = sorted({r["via"] for r in receipts})
+                result["record_s"] = [r["seconds"] for r in receipts]
             result["workers_lost"] = len(pool.lost)
             close()
 
@@ -412,8 +417,8 @@ def spread_over(patched, gpus: int, result: dict):
         return pool
 
     edit_node.start_pool = timed_pool
-    result["gpus"] = gpus
-    return with_scale(patched, gpus)
+    result.update(gpus=gpus, records_via=records_via)
+    return with_scale(patched, gpus, records_via=records_via)
 
 
 def print_spread(rows: list[dict]) -> None:
@@ -423,23 +428,26 @@ def print_spread(rows: list[dict]) -> None:
         return
     ones = {(r["frames"], r.get("card")): r for r in rows
             if r["mode"] == "adaflow" and r.get("gpus", 1) == 1 and "error" not in r}
-    print("\nspread over GPUs (Ray actors): frames | GPUs | ms per frame per step | actors start s | speedup | "
-          "scaling efficiency | sampling process GPU peak GiB | per-actor GPU peak GiB")
-    print("--- | --- | --- | --- | --- | --- | --- | ---")
+    print("\nspread over GPUs (Ray actors): frames | GPUs | records via (asked: seen) | ms per frame per step | "
+          "actors start s | speedup | scaling efficiency | record receipt s per actor-step (mean, max) | "
+          "sampling process GPU peak GiB | per-actor GPU peak GiB")
+    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
     for r in sorted(spread, key=lambda r: (r["frames"], r["gpus"])):
         per = (r["sample_s"] - r.get("pool_start_s", 0)) / (r["frames"] * STEPS)
         one = ones.get((r["frames"], r.get("card")))
         base = one["sample_s"] / (one["frames"] * STEPS) if one else None
         speed = f"{base / per:.2f}x | {base / per / r['gpus']:.0%}" if base else "- | -"
         peaks = ", ".join(f"{p / 2**30:.2f}" for p in r.get("worker_gpu_peaks", []))
-        print(f"{r['frames']:,} | {r['gpus']} | {per * 1000:.2f} | {r.get('pool_start_s', 0):.1f} | {speed} | "
-              f"{r['sample_gpu_peak'] / 2**30:.2f} | {peaks}")
+        record = r.get("record_s") or [0.0]
+        via = f"{r.get('records_via', 'auto')}: {', '.join(r.get('records_seen', [])) or '-'}"
+        print(f"{r['frames']:,} | {r['gpus']} | {via} | {per * 1000:.2f} | {r.get('pool_start_s', 0):.1f} | {speed} | "
+              f"{sum(record) / len(record):.3f}, {max(record):.3f} | {r['sample_gpu_peak'] / 2**30:.2f} | {peaks}")
 
 
-def run(args, frames: int, mode: str, card: float, vram: str, gpus: int = 1) -> dict:
+def run(args, frames: int, mode: str, card: float, vram: str, gpus: int = 1, via: str = "auto") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(frames), "--mode", mode, "--comfy", args.comfy,
            "--height", str(args.height), "--width", str(args.width), "--workdir", args.workdir,
-           "--card", str(card), "--vram", vram, "--gpus", str(gpus)] + (
+           "--card", str(card), "--vram", vram, "--gpus", str(gpus), "--records-via", via] + (
                ["--records-on-disk"] if args.records_on_disk else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -548,6 +556,9 @@ def main() -> int:
     ap.add_argument("--save-latent", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gpus", default="1", help="adaflow rows also spread over these many Ray actors, e.g. 1,2 "
                                                 "(Spread Edit over GPUs; needs Ray)")
+    ap.add_argument("--records-via", default="auto",
+                    help="--gpus rows: how the keyframe record reaches the actors, one row each: auto, "
+                         "'torch.distributed', 'object store' (comma-separated)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="adaflow", help=argparse.SUPPRESS)
     ap.add_argument("--card", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -584,12 +595,14 @@ def main() -> int:
         for vram in args.vram_modes.split(","):
             gone = set()  # modes that ran out of memory stop growing
             for frames in [int(x) for x in args.frames.split(",")]:
-                spread = [int(g) for g in args.gpus.split(",") if int(g) > 1]
-                for mode, gpus in [(m, 1) for m in args.modes.split(",")] + [("adaflow", g) for g in spread]:
+                spread = [(g, v) for g in args.gpus.split(",") if int(g) > 1 for v in args.records_via.split(",")]
+                for mode, gpus, via in [(m, 1, "auto") for m in args.modes.split(",")] + [
+                        ("adaflow", int(g), v) for g, v in spread]:
                     if mode in gone:
                         continue
-                    print(f"run: {mode} {frames} frames, card {card:g} GiB, {vram}, {gpus} GPU(s) ...", flush=True)
-                    r = run(args, frames, mode, card, vram, gpus)
+                    print(f"run: {mode} {frames} frames, card {card:g} GiB, {vram}, {gpus} GPU(s), records via {via} "
+                          "...", flush=True)
+                    r = run(args, frames, mode, card, vram, gpus, via)
                     if r.get("error") == "OOM":
                         gone.add(mode)
                     rows.append(r)

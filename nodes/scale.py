@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..core.adaflow.records import KeyframeRecords
 from ..core.scale.pool import Prelude, ScaleOptions, WorkerPool, import_ray
+from ..core.scale.transport import AUTO, TRANSPORTS
 
 SCALE_KEY = "longedit_scale"
 
@@ -20,9 +21,9 @@ def scale_options(model_options: dict) -> ScaleOptions | None:
     return (model_options or {}).get("transformer_options", {}).get(SCALE_KEY)
 
 
-def with_scale(model, gpus: int, ray_address: str = ""):
+def with_scale(model, gpus: int, ray_address: str = "", records_via: str = AUTO):
     """A clone of `model` whose AdaFlow sampling spreads over `gpus` Ray actors (1: the clone is unchanged)."""
-    options = ScaleOptions(workers=int(gpus), address=ray_address.strip())
+    options = ScaleOptions(workers=int(gpus), address=ray_address.strip(), transport=records_via)
     patched = model.clone()
     if options.workers > 1 or options.address:
         import_ray()  # say now, not at sampling, that Ray is missing
@@ -208,11 +209,17 @@ class SpreadOverGpus(io.ComfyNode):
                                 tooltip="A running Ray cluster to use (e.g. 'auto', 'ray://head:10001'); empty "
                                         "starts a local cluster on this machine's GPUs. Every node of a cluster "
                                         "needs this ComfyUI and LongEdit at the same paths."),
+                io.Combo.Input("records_via", options=list(TRANSPORTS), default=AUTO, optional=True,
+                               tooltip="How each step's keyframe record reaches the actors of one machine. auto: "
+                                       "torch.distributed (NCCL) where each actor has a GPU of its own, else "
+                                       "Ray's object store. torch.distributed: also over gloo (CPU, shared GPUs). "
+                                       "object store: always Ray's. Across machines it is always the object "
+                                       "store; the output is the same either way."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="A clone with the option set; the input MODEL "
                                                                    "is unchanged.")],
         )
 
     @classmethod
-    def execute(cls, model, gpus, ray_address="") -> io.NodeOutput:
-        return io.NodeOutput(with_scale(model, gpus, ray_address))
+    def execute(cls, model, gpus, ray_address="", records_via=AUTO) -> io.NodeOutput:
+        return io.NodeOutput(with_scale(model, gpus, ray_address, records_via))

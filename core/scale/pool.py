@@ -3,8 +3,9 @@
 The host builds the model inside each actor from a picklable `build` callable (run once per actor); it returns
 an object with `set_records(step, records)` (the step's keyframe-pass outputs that propagation reads) and
 `denoise(group, current, sigma) -> denoised` (frames `group`, their latents, sigma per frame). The keyframe pass
-itself runs where the sampler runs; its records go to every actor once per step through Ray's object store.
-Results come back to the sampler, which updates its state frame by frame (core/adaflow/sampling).
+itself runs where the sampler runs; its records go to every actor once per step (core/scale/transport: Ray's
+object store, and torch.distributed among the actors of a host). Results come back to the sampler, which
+updates its state frame by frame (core/adaflow/sampling).
 
 Faults: an actor lost mid-step (process or machine gone) has its chunks rerun on the others; with none left
 the run stops with a LongEditError. Any other failure, and Cancel (the host's `check` raising), kill every
@@ -25,6 +26,8 @@ import torch
 
 from ..errors import LongEditError
 from .queue import ChunkQueue
+from .transport import AUTO, COLLECTIVE_TIMEOUT_S, TRANSPORTS, HostGroup, Placement, RecordReceiver, \
+    plan_host_groups, rendezvous_address
 
 POLL_S = 0.25  # how often Cancel is checked while waiting on the actors
 PACK_DIR = Path(__file__).resolve().parents[2]
@@ -45,10 +48,14 @@ def import_ray():
 class ScaleOptions:
     workers: int  # Ray actors, one per GPU (they share GPUs when the cluster has fewer)
     address: str = ""  # a running Ray cluster ("auto", "ray://host:10001", "host:6379"); "" starts a local one
+    transport: str = AUTO  # how the keyframe record reaches the actors of one host (core/scale/transport)
 
     def __post_init__(self):
         if int(self.workers) < 1:
             raise LongEditError(f"gpus must be at least 1, got {self.workers}.", "set gpus to 1 or more.")
+        if self.transport not in TRANSPORTS:
+            raise LongEditError(f"Unknown way to send records: {self.transport!r}.",
+                                f"use one of: {', '.join(TRANSPORTS)}.")
 
 
 def import_path_for_workers() -> list[str]:
@@ -160,9 +167,31 @@ class ChunkWorker:
         prelude.run()
         self.model = cloudpickle.loads(build)()
         self.step = None
+        self.receiver = RecordReceiver()
 
     def ready(self) -> int:
         return os.getpid()
+
+    def placement(self) -> Placement:
+        import ray
+
+        return Placement(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), gpu_uuid())
+
+    def rendezvous(self) -> str:
+        return rendezvous_address()
+
+    def join(self, group: HostGroup, address: str) -> None:
+        self.receiver.join(group, address)
+
+    def leave(self) -> None:
+        self.receiver.leave()
+
+    def receive_records(self, step: int, records: list, broadcast: bool) -> dict:
+        """The step's record (`records`: [ObjectRef]), over this host's group when `broadcast`; returns how."""
+        payload, how = self.receiver.receive(records, broadcast)
+        self.model.set_records(step, payload)
+        self.step = step
+        return dict(how, step=step)
 
     def gpu_peak(self) -> int:
         """Peak bytes torch allocated on this actor's GPU (0 on the CPU): for benchmarks."""
@@ -174,7 +203,8 @@ class ChunkWorker:
 
     def denoise(self, step: int, records: list, group: np.ndarray, current: torch.Tensor,
                 sigma: torch.Tensor) -> torch.Tensor:
-        """`records` is [ObjectRef] (a list, so Ray leaves it unresolved): fetched once per step, not per chunk."""
+        """`records` is [ObjectRef] (a list, so Ray leaves it unresolved): read here only when receive_records
+        did not bring this step's record (it failed)."""
         if step != self.step:
             import ray
 
@@ -234,6 +264,27 @@ class WorkerPool:
             raise LongEditError(f"The Ray workers could not load the model: {error}",
                                 "check the workers' log (ray logs) and that every node of the cluster has this "
                                 "ComfyUI and LongEdit at the same paths.") from error
+        self.host_groups = self.form_host_groups(options.transport)
+        self.broken_hosts: set[str] = set()  # hosts whose group lost an actor: they read the object store
+        self.receipts: list = []  # receive_records answers not read yet
+
+    def form_host_groups(self, transport: str) -> list[HostGroup | None]:
+        """Each host's actors join a torch.distributed group for the records (core/scale/transport); a host whose
+        group cannot form reads the object store."""
+        groups = plan_host_groups(self.ray.get([a.placement.remote() for a in self.actors]), transport)
+        for node in dict.fromkeys(g.node for g in groups if g is not None):
+            members = [i for i, g in enumerate(groups) if g is not None and g.node == node]
+            try:
+                address = self.ray.get(self.actors[members[0]].rendezvous.remote())
+                self.ray.get([self.actors[i].join.remote(groups[i], address) for i in members],
+                             timeout=COLLECTIVE_TIMEOUT_S)
+            except Exception as error:
+                print(f"LongEdit: the actors on Ray node {node} could not form a torch.distributed group ({error}); "
+                      "they read the keyframe records from Ray's object store.", flush=True)
+                for i in members:
+                    self.actors[i].leave.remote()
+                    groups[i] = None
+        return groups
 
     @property
     def live(self) -> list[int]:
@@ -245,6 +296,9 @@ class WorkerPool:
         """Denoise every group on the actors; yields (group index, denoised) once per group, as they finish.
         `inputs(k)` gives group k's current latents and sigmas (read when the group is sent, again when resent)."""
         shared = [self.ray.put(records)] if records is not None else []
+        if shared:
+            self.receipts += [self.actors[i].receive_records.remote(step, shared, self.broadcasts(i))
+                              for i in self.live]
         yield from self._spread(len(groups), lambda actor, k: actor.denoise.remote(step, shared, groups[k], *inputs(k)),
                                 check, f"step {step + 1}")
 
@@ -283,10 +337,27 @@ class WorkerPool:
             self.close()
             raise
 
+    def broadcasts(self, actor: int) -> bool:
+        group = self.host_groups[actor]
+        return group is not None and group.node not in self.broken_hosts
+
+    def record_receipts(self) -> list[dict]:
+        """How each actor got each step's record so far ({"step", "seconds", "via"}), for those answered."""
+        ready, self.receipts = self.ray.wait(self.receipts, num_returns=len(self.receipts), timeout=0) \
+            if self.receipts else ([], [])
+        done = []
+        for ref in ready:
+            with contextlib.suppress(Exception):  # a lost actor's; its chunks' loss is handled where they fail
+                done.append(self.ray.get(ref))
+        return done
+
     def lose(self, queue: ChunkQueue, actor: int, pending: dict) -> None:
-        """An actor died: its chunks go to the others; its other answers in flight are dropped."""
+        """An actor died: its chunks go to the others; its other answers in flight are dropped; its host's group
+        is not used again."""
         if actor not in self.lost:
             self.lost.append(actor)
+        if self.host_groups[actor] is not None:
+            self.broken_hosts.add(self.host_groups[actor].node)
         queue.lose(actor)
         for ref in [r for r, (_, a) in pending.items() if a == actor]:
             del pending[ref]

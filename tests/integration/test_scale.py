@@ -78,9 +78,19 @@ assert all((a == b).all() for a, b in zip(spread_plan.matches, one_plan.matches)
 assert (spread_plan.aas_scores == one_plan.aas_scores).all() and spread_plan.clip_count == 3
 print("keyframe selection's features on 2 workers: the one-process plan")
 
-pools, hooks = [], {}
+pools, hooks, receipts = [], {}, []
 start_pool = edit_node.start_pool
-edit_node.start_pool = lambda *a, **k: pools.append(start_pool(*a, **k)) or pools[-1]
+
+
+def started_pool(*a, **k):  # every pool of the run, and how its workers got each step's record
+    pool = start_pool(*a, **k)
+    close = pool.close
+    pool.close = lambda: receipts.extend(pool.record_receipts()) or close()
+    pools.append(pool)
+    return pool
+
+
+edit_node.start_pool = started_pool
 payload = edit_node.records_payload
 
 
@@ -93,10 +103,10 @@ def per_step(editor):  # called as each step's chunks are spread, after its keyf
 edit_node.records_payload = per_step
 
 
-def sample(gpus):
+def sample(gpus, records_via="auto"):
     patched = propagate_from_keyframes(edit_node.patch_model(model, inv, plan, 1.0, 1.0, 2), plan)
     if gpus:
-        patched = scale_node.SpreadOverGpus.execute(patched, gpus, "").args[0]
+        patched = scale_node.SpreadOverGpus.execute(patched, gpus, "", records_via).args[0]
     guider = comfy.samplers.CFGGuider(patched)
     guider.set_conds(positive, [[empty, {}]])
     guider.set_cfg(5.0)
@@ -116,6 +126,15 @@ assert "do" not in hooks and pool.lost == [0], pool.lost
 assert torch.equal(two, one), (two - one).abs().max()
 print(f"2 workers == 1 process, bit for bit ({FRAMES} frames, {STEPS} steps, |x| max {one.abs().max():.3g}), with "
       "a worker killed as step 2's chunks went out (its chunks rerun on the other)")
+assert [r["via"] for r in receipts] == ["object store"] * 3, receipts  # CPU workers: auto keeps to it
+
+# the record broadcast among the workers over torch.distributed (gloo: CPU workers) gives the same output
+receipts.clear()
+three = sample(2, "torch.distributed")
+assert len(pools) == 2 and pools[-1].actors == [] and not pools[-1].lost
+assert sorted((r["step"], r["via"]) for r in receipts) == [(0, "gloo"), (0, "gloo"), (1, "gloo"), (1, "gloo")]
+assert torch.equal(three, one), (three - one).abs().max()
+print("2 workers, records broadcast over gloo == 1 process, bit for bit")
 
 
 def press_cancel(pool):
@@ -123,9 +142,9 @@ def press_cancel(pool):
     mm.interrupt_current_processing(True)
 
 
-hooks["do"] = press_cancel
+hooks["do"] = press_cancel  # as the workers start the record broadcast
 try:
-    sample(2)
+    sample(2, "torch.distributed")
 except mm.InterruptProcessingException:
     pass
 else:

@@ -21,6 +21,7 @@ else:
 from longedit.core.errors import LongEditError
 from longedit.core.adaflow.sampling import euler_by_passes, passes_of_step
 from longedit.core.scale.pool import ScaleOptions, WorkerPool, connect
+from longedit.core.scale.transport import AUTO, COLLECTIVE, FELL_BACK, OBJECT_STORE
 
 CLIP_STARTS = np.array([0, 5, 11, 12, 19, 23])  # 5 clips of odd sizes (one of a single frame), 23 frames
 FRAMES, STEPS, CHUNK = 23, 4, 3
@@ -50,7 +51,8 @@ class ToyModel:
 
     def keyframe_pass(self, step, group, current, sigma):
         denoised = self.own(group, current, sigma)
-        self.set_records(step, denoised.clone())  # keyframe of clip c is group[c]
+        # keyframe of clip c is group[c]; nested and of two dtypes, as AdaFlow's (clips, {layer: rows}) record
+        self.set_records(step, (len(group), {"rows": denoised.clone(), "half": denoised.half()}))
         return denoised
 
     def set_records(self, step, records):
@@ -61,7 +63,9 @@ class ToyModel:
         if k and self.step == k["step"] and k["frame"] in group and not os.path.exists(k["marker"]):
             open(k["marker"], "w").close()
             os._exit(1)  # the worker process dies mid-step, its chunks in flight unanswered
-        record = self.records[torch.as_tensor(clip_of(np.asarray(group)))]
+        clips, layers = self.records
+        assert clips == len(CLIP_STARTS) - 1 and torch.equal(layers["half"], layers["rows"].half())
+        record = layers["rows"][torch.as_tensor(clip_of(np.asarray(group)))]
         return self.own(group, current, sigma) + PROPAGATION * record * torch.cos(current)
 
 
@@ -106,31 +110,65 @@ def problem():
         rng.normal(size=(FRAMES, 3, 5)) * 4, np.append(np.geomspace(14.6, 0.3, STEPS), 0.0)
 
 
-def test_two_workers_give_the_one_process_output_bit_for_bit(cluster, problem, tmp_path):
+# how the records travel between CPU workers of one machine: auto keeps to the object store there
+VIA = {AUTO: "object store", COLLECTIVE: "gloo", OBJECT_STORE: "object store"}
+
+
+@pytest.mark.parametrize("transport", [AUTO, COLLECTIVE])
+def test_two_workers_give_the_one_process_output_bit_for_bit(cluster, problem, transport):
     weights, x0, sigmas = problem
     one = sample(ToyModel(weights), x0, sigmas)
     assert np.allclose(one.numpy(), reference(x0, sigmas, weights), rtol=0, atol=1e-12)
-    pool = WorkerPool(ScaleOptions(workers=2), functools.partial(ToyModel, weights))
+    pool = WorkerPool(ScaleOptions(workers=2, transport=transport), functools.partial(ToyModel, weights))
     try:
         assert len(set(pool.pids)) == 2 and os.getpid() not in pool.pids
         spread = sample(ToyModel(weights), x0, sigmas, pool)
+        receipts = pool.record_receipts()
     finally:
         pool.close()
     assert torch.equal(spread, one)
+    # every worker got every step's record once, the way asked for
+    assert sorted(r["step"] for r in receipts) == sorted(list(range(STEPS)) * 2)
+    assert {r["via"] for r in receipts} == {VIA[transport]}
 
 
-def test_a_worker_killed_mid_step_has_its_chunks_rerun_on_the_other(cluster, problem, tmp_path):
+@pytest.mark.parametrize("transport", [AUTO, COLLECTIVE])
+def test_a_worker_killed_mid_step_has_its_chunks_rerun_on_the_other(cluster, problem, tmp_path, transport):
     weights, x0, sigmas = problem
     one = sample(ToyModel(weights), x0, sigmas)
     marker = tmp_path / "killed"
     kill = {"step": 2, "frame": int(np.setdiff1d(np.arange(FRAMES), keyframes_of(2))[7]), "marker": str(marker)}
-    pool = WorkerPool(ScaleOptions(workers=2), functools.partial(ToyModel, weights, kill))
+    pool = WorkerPool(ScaleOptions(workers=2, transport=transport), functools.partial(ToyModel, weights, kill))
     try:
         spread = sample(ToyModel(weights), x0, sigmas, pool)
         assert marker.exists() and len(pool.lost) == 1  # one worker really died, in step 2
+        receipts = pool.record_receipts()
     finally:
         pool.close()
     assert torch.equal(spread, one)
+    # before the loss both got the record as asked; after it the survivor reads the object store (told to: it
+    # does not first try a broadcast to the dead one)
+    assert {r["via"] for r in receipts if r["step"] < 2} == {VIA[transport]}
+    assert [r["via"] for r in receipts if r["step"] > 2] == ["object store"] * (STEPS - 3)
+
+
+@pytest.mark.parametrize("dead_rank", [0, 1])
+def test_a_group_broken_unnoticed_falls_back_to_the_object_store(cluster, problem, dead_rank):
+    """A worker dies between steps (the host does not know yet): the survivor's broadcast fails, and it reads the
+    step's record from the object store instead, whether the dead one was to send (rank 0) or to receive."""
+    weights, x0, sigmas = problem
+    pool = WorkerPool(ScaleOptions(workers=2, transport=COLLECTIVE), functools.partial(ToyModel, weights))
+    try:
+        ranks = [g.rank for g in pool.host_groups]
+        dead, alive = pool.actors[ranks.index(dead_rank)], pool.actors[ranks.index(1 - dead_rank)]
+        ray.kill(dead, no_restart=True)
+        record = (5, {"rows": torch.randn(5, 3, 5, dtype=torch.float64), "half": torch.zeros(5, 3, 5).half()})
+        how = ray.get(alive.receive_records.remote(0, [ray.put(record)], True), timeout=60)
+        assert how["via"] == FELL_BACK
+        records = ray.get(alive.call.remote("__getattribute__", "records"))
+        assert torch.equal(records[1]["rows"], record[1]["rows"])
+    finally:
+        pool.close()
 
 
 def test_with_every_worker_lost_the_run_stops_with_a_clear_error(cluster, problem, tmp_path):
