@@ -216,7 +216,9 @@ def child(args) -> None:
                                 folder=os.path.join(folder, "inversion"), source_context=context, device=device)
         t2 = time.perf_counter()
         patched = propagate_from_keyframes(patch_model(model, inversion, plan, 0.8, 0.8, budget), plan)
-        spread = spread_over(patched, args.gpus, result, args.records_via) if args.gpus > 1 else None
+        spread = spread_over(patched, args.gpus, result, args.records_via, os.path.join(
+            args.workdir, f"actors_{frames}_{args.gpus}_{args.records_via.replace(' ', '_')}.json")) \
+            if args.gpus > 1 else None
         patched = patched if spread is None else spread
         memory_plan = card_plan(patched, inversion, plan)
         print(memory_plan.describe(), flush=True)
@@ -390,11 +392,17 @@ def print_e2e(rows: list[dict], project: list[int], steps: int, inversion_steps:
               + f"; fixed {rate['load']:.1f} s")
 
 
-def spread_over(patched, gpus: int, result: dict, records_via: str):
+def spread_over(patched, gpus: int, result: dict, records_via: str, report_path: str):
     """The model with Spread Edit over GPUs set; records the actors' start time, GPU peaks and how long they took
     to receive each step's keyframe record into `result`."""
     import longedit.nodes.adaflow_edit as edit_node
+    import longedit.nodes.scale as scale_node
     from longedit.nodes.scale import with_scale
+
+    if os.environ.get("LONGEDIT_BENCH_SNAPSHOTS"):  # the actors dump their CUDA memory when out of it
+        import actor_memory
+
+        scale_node.ChunkModel = actor_memory.SnapshotChunkModel
 
     start_pool = edit_node.start_pool
 
@@ -407,6 +415,9 @@ def spread_over(patched, gpus: int, result: dict, records_via: str):
         def close_with_peaks():
             if pool.actors:
                 result["worker_gpu_peaks"] = pool.gpu_peaks()
+                result["worker_memory"] = pool.memory_reports()
+                with open(report_path, "w") as f:  # also when the run then fails (out of memory)
+                    json.dump(result, f)
                 receipts = pool.record_receipts()
                 result["records_seen"] = sorted({r["via"] for r in receipts})
                 result["record_s"] = [r["seconds"] for r in receipts]

@@ -152,6 +152,35 @@ def test_a_worker_killed_mid_step_has_its_chunks_rerun_on_the_other(cluster, pro
     assert [r["via"] for r in receipts if r["step"] > 2] == ["object store"] * (STEPS - 3)
 
 
+class GradToy(ToyModel):
+    """Weights that require grad, as a loaded checkpoint's parameters may: a worker must compute without autograd
+    (the host samples in inference mode), or it keeps every activation of the forward and sends back graphs."""
+
+    def __init__(self, weights):
+        super().__init__(weights)
+        self.weights.requires_grad_()
+
+    def denoise(self, group, current, sigma):
+        denoised = super().denoise(group, current, sigma)
+        assert not denoised.requires_grad, "a worker's chunk ran with autograd"
+        return denoised
+
+    def grad_mode(self, k):
+        return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+
+def test_workers_compute_without_autograd(cluster, problem):
+    weights, x0, sigmas = problem
+    pool = WorkerPool(ScaleOptions(workers=2), functools.partial(GradToy, weights))
+    try:
+        spread = sample(ToyModel(weights), x0, sigmas, pool)
+        modes = dict(pool.map_chunks("grad_mode", 3, lambda k: (k,)))
+    finally:
+        pool.close()
+    assert not spread.requires_grad and torch.equal(spread, sample(ToyModel(weights), x0, sigmas))
+    assert modes == {k: (False, True) for k in range(3)}
+
+
 @pytest.mark.parametrize("dead_rank", [0, 1])
 def test_a_group_broken_unnoticed_falls_back_to_the_object_store(cluster, problem, dead_rank):
     """A worker dies between steps (the host does not know yet): the survivor's broadcast fails, and it reads the
