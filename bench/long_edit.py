@@ -316,6 +316,8 @@ def e2e_child(args) -> None:
             "--set", f"12.steps={args.steps}", "--set", f"2.width={args.width}",
             "--set", f"2.height={args.height}", "--", "--output-directory", os.path.join(folder, "output"),
             "--input-directory", os.path.join(folder, "input"), "--user-directory", os.path.join(folder, "user")]
+    if int(args.gpus) > 1:  # Spread Edit over GPUs on keyframe selection, inversion and sampling (the runner's flag)
+        argv[argv.index("--"):argv.index("--")] = ["--gpus", str(args.gpus)]
     argv += [] if torch.cuda.is_available() else ["--cpu"]
     argv += args.comfy_flags.split()
     gpu("reset")
@@ -333,16 +335,16 @@ def e2e_child(args) -> None:
                                    rss_peak=peak_rss(), torch=torch.__version__)), flush=True)
 
 
-def e2e_run(args, frames: int) -> dict:
+def e2e_run(args, frames: int, gpus: int = 1) -> dict:
     from peer_adaflow import run_child, write_video_file
 
     video = os.path.join(args.workdir, f"synthetic_{frames}.mp4")
     write_video_file(video, frames, args.width, args.height)
     cmd = [sys.executable, os.path.abspath(__file__), "--e2e-child", video, "--comfy", args.comfy, "--workdir",
-           args.workdir, "--inversion-steps", str(args.inversion_steps), "--steps", str(args.steps)]
+           args.workdir, "--inversion-steps", str(args.inversion_steps), "--steps", str(args.steps), "--gpus", str(gpus)]
     result = run_child(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), "E2E",
-                       os.path.join(args.workdir, f"e2e_{frames}.log"))
-    return dict(mode="e2e", frames=frames, steps=args.steps, inversion_steps=args.inversion_steps, **result)
+                       os.path.join(args.workdir, f"e2e_{frames}_{gpus}.log"))
+    return dict(mode="e2e", frames=frames, gpus=gpus, steps=args.steps, inversion_steps=args.inversion_steps, **result)
 
 
 def e2e_stages(r: dict) -> dict:
@@ -372,16 +374,19 @@ def e2e_projection(rate: dict, frames: int, steps: int, inversion_steps: int) ->
 def print_e2e(rows: list[dict], project: list[int], steps: int, inversion_steps: int) -> None:
     print("\nend to end, the shipped adaflow_long_video_edit workflow through the headless runner "
           "(seconds per stage)")
-    print("| frames | steps (inversion) | " + " | ".join(E2E_ORDER) + " | total s | s per frame | GPU peak GiB |")
-    print("|---" * (len(E2E_ORDER) + 5) + "|")
+    print("| frames | GPUs (Ray actors) | steps (inversion) | " + " | ".join(E2E_ORDER)
+          + " | total s | s per frame | sampling process GPU peak GiB |")
+    print("|---" * (len(E2E_ORDER) + 6) + "|")
     done = [r for r in rows if r.get("mode") == "e2e" and "error" not in r]
-    for r in sorted(done, key=lambda r: r["frames"]):
+    for r in sorted(done, key=lambda r: (r["frames"], r.get("gpus", 1))):
         st = e2e_stages(r)
-        print(f"| {r['frames']:,} | {r['steps']} ({r['inversion_steps']}) | " + " | ".join(f"{st[s]:.1f}" for s in E2E_ORDER)
+        print(f"| {r['frames']:,} | {r.get('gpus', 1)} | {r['steps']} ({r['inversion_steps']}) | "
+              + " | ".join(f"{st[s]:.1f}" for s in E2E_ORDER)
               + f" | {r['process_s']:.1f} | {r['process_s'] / r['frames']:.3f} | {r['gpu_peak'] / 2**30:.2f} |")
     for r in rows:
         if r.get("mode") == "e2e" and "error" in r:
-            print(f"| {r['frames']:,} | failed: {r['error']} |")
+            print(f"| {r['frames']:,} | {r.get('gpus', 1)} | failed: {r['error']} |")
+    done = [r for r in done if r.get("gpus", 1) == 1]  # projections: one GPU
     if done and project:
         base = max(done, key=lambda r: r["frames"])
         rate = e2e_rates(base)
@@ -593,9 +598,9 @@ def main() -> int:
         return 0
     if args.e2e:
         rows = []
-        for frames in [int(x) for x in args.frames.split(",")]:
-            print(f"run: end to end, {frames} frames ...", flush=True)
-            rows.append(e2e_run(args, frames))
+        for frames, gpus in [(int(f), int(g)) for f in args.frames.split(",") for g in args.gpus.split(",")]:
+            print(f"run: end to end, {frames} frames, {gpus} GPU(s) ...", flush=True)
+            rows.append(e2e_run(args, frames, gpus))
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
