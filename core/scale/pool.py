@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -59,16 +58,31 @@ class ScaleOptions:
 
 
 def import_path_for_workers() -> list[str]:
-    """sys.path entries that let a worker process import the pack under the name this process uses, and
-    everything the pack imports (ComfyUI's folder included). The pack may live in a folder named otherwise
-    (tests load it as `longedit` from the repository): a link named after the pack, in a fresh folder, then
-    stands for it."""
-    if PACK_DIR.name == PACK_NAME:
-        pack_parent = str(PACK_DIR.parent)
-    else:
-        pack_parent = tempfile.mkdtemp(prefix="longedit_pack_")
-        os.symlink(PACK_DIR, os.path.join(pack_parent, PACK_NAME))
-    return [pack_parent] + [os.path.abspath(p or os.getcwd()) for p in sys.path if os.path.isdir(p or os.getcwd())]
+    """sys.path entries that let a worker process import everything the pack imports (ComfyUI's folder
+    included); the pack itself is registered by `pack_importer`."""
+    return [os.path.abspath(p or os.getcwd()) for p in sys.path if os.path.isdir(p or os.getcwd())]
+
+
+def pack_importer(name: str = PACK_NAME, folder: str = str(PACK_DIR)) -> Callable[[], None]:
+    """A worker's setup hook: import the pack from `folder` under the host's module `name`, as ComfyUI does, so
+    that what the host pickles by reference (name.core..., name.nodes...) resolves there. ComfyUI imports a
+    custom node under its folder's full path ('/.../custom_nodes/longedit'), which no sys.path entry can stand
+    for. Nested, so that Ray sends it by value: the worker needs nothing importable to run it."""
+
+    def register() -> None:
+        import importlib.util
+        import os
+        import sys
+
+        if name in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+    return register
 
 
 @contextlib.contextmanager
@@ -93,13 +107,14 @@ def connect(options: ScaleOptions):
     if ray.is_initialized():
         return ray
     path = os.pathsep.join(import_path_for_workers())
+    runtime_env = {"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": pack_importer()}
     if options.address:
-        ray.init(address=options.address, runtime_env={"env_vars": {"PYTHONPATH": path}},
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(address=options.address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
     else:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         with environment(PYTHONPATH=path):
-            ray.init(num_cpus=int(options.workers), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
+            ray.init(num_cpus=int(options.workers), num_gpus=gpus, include_dashboard=False, log_to_driver=True,
+                     runtime_env={"worker_process_setup_hook": runtime_env["worker_process_setup_hook"]})
     return ray
 
 

@@ -337,3 +337,22 @@ def test_results_arriving_out_of_order_are_yielded_in_order_as_soon_as_they_can_
     assert [v for v, _ in out] == [f"chunk {k}" for k in range(5)]
     # chunk 0 goes out as soon as it arrives (second), 1 brings 1, 2 and 3 with it
     assert [len(seen) for _, seen in out] == [2, 4, 4, 4, 5]
+
+
+def test_a_worker_imports_the_pack_under_a_custom_node_path_name(tmp_path):
+    """ComfyUI imports a custom node under its folder's full path; a fresh process (a worker: nothing of the pack
+    importable) runs the setup hook, sent by value as Ray sends it, and resolves that name's submodules."""
+    import subprocess
+
+    from longedit.core.scale.pool import PACK_DIR, pack_importer
+
+    name = str(tmp_path / "ComfyUI" / "custom_nodes" / "longedit")
+    hook = tmp_path / "hook.pickle"
+    hook.write_bytes(ray.cloudpickle.dumps(pack_importer(name, str(PACK_DIR))))
+    check = (f"import pickle, importlib, sys; pickle.load(open({str(hook)!r}, 'rb'))(); "
+             f"errors = importlib.import_module({name!r} + '.core.errors'); "
+             f"assert errors.__file__.startswith({str(PACK_DIR)!r}); print(errors.LongEditError.__module__)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == name + ".core.errors"
