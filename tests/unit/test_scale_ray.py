@@ -8,6 +8,7 @@ frames, gives another output."""
 import functools
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,6 +39,16 @@ def keyframes_of(step: int) -> np.ndarray:
     return np.array([rng.integers(a, b) for a, b in zip(CLIP_STARTS[:-1], CLIP_STARTS[1:])])
 
 
+def first_to_mark(marker: str) -> bool:
+    """True for the one process that creates `marker` (atomically: two workers may reach their kill point at
+    once, and only one may die)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 class ToyModel:
     """What a worker holds: per-frame weights (the 'model') and the step's keyframe record."""
 
@@ -60,8 +71,7 @@ class ToyModel:
 
     def denoise(self, group, current, sigma):
         k = self.kill
-        if k and self.step == k["step"] and k["frame"] in group and not os.path.exists(k["marker"]):
-            open(k["marker"], "w").close()
+        if k and self.step == k["step"] and k["frame"] in group and first_to_mark(k["marker"]):
             os._exit(1)  # the worker process dies mid-step, its chunks in flight unanswered
         clips, layers = self.records
         assert clips == len(CLIP_STARTS) - 1 and torch.equal(layers["half"], layers["rows"].half())
@@ -228,9 +238,15 @@ def test_cancel_stops_every_worker(cluster, problem):
     with pytest.raises(Cancelled):
         sample(ToyModel(weights), x0, sigmas, pool, check)
     assert pool.actors == []
-    for actor in actors:  # killed, not merely left idle
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.ready.remote(), timeout=30)
+    for actor in actors:  # killed, not merely left idle (ray.kill is asynchronous: dead within 30 s)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                ray.get(actor.ready.remote(), timeout=30)
+            except ray.exceptions.RayActorError:
+                break
+            assert time.monotonic() < deadline, "a worker still runs 30 s after Cancel"
+            time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------- the inversion, spread
@@ -247,8 +263,7 @@ class ToyInverter:
 
     def invert(self, walk, x0):
         self.chunks += 1
-        if self.kill and self.chunks == 2 and not os.path.exists(self.kill):
-            open(self.kill, "w").close()
+        if self.kill and self.chunks == 2 and first_to_mark(self.kill):
             os._exit(1)
         return walk.frames(x0, toy_eps)
 
