@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LongEditError
+from . import shipping
 from .queue import ChunkQueue
 from .transport import AUTO, COLLECTIVE_TIMEOUT_S, TRANSPORTS, HostGroup, Placement, RecordReceiver, \
     plan_host_groups, rendezvous_address
@@ -174,12 +175,11 @@ def gpu_uuid() -> str | None:
 class ChunkWorker:
     """The body of one Ray actor: the host's model, built once, and the latest step's records."""
 
-    def __init__(self, prelude: Prelude, build: bytes, budget: GpuBudget = GpuBudget()):
-        from ray import cloudpickle
-
+    def __init__(self, prelude: Prelude, build: tuple[bytes, list], budget: GpuBudget = GpuBudget()):
+        """`build`: shipping.pack's pair, unpacked only after `prelude` (it imports ComfyUI's modules)."""
         cap = keep_to_gpu_budget(budget) if torch.cuda.is_available() else None
         prelude.run()
-        self.model = cloudpickle.loads(build)()
+        self.model = shipping.unpack(build)()
         self.step = None
         self.receiver = RecordReceiver()
         self.memory = MemoryLog(cap)
@@ -304,13 +304,14 @@ def actor_resources(ray, workers: int) -> dict:
 class WorkerPool:
     def __init__(self, options: ScaleOptions, build: Callable[[], Any], prelude: Prelude = Prelude(),
                  driver_reserve: int = 0):
-        """`build` is pickled here (by value where it must be) and built in each actor after `prelude`.
+        """`build` is pickled here (by value where it must be; core/scale/shipping) and built in each actor after
+        `prelude`.
         `driver_reserve`: bytes this process still needs on its GPU (its keyframe passes), kept free of actors."""
         self.ray = connect(options)
         actor = self.ray.remote(max_restarts=0, max_task_retries=0, **actor_resources(self.ray, options.workers))(
             ChunkWorker)
-        # one copy of the model in the object store, whatever the actor count
-        shared = self.ray.put(self.ray.cloudpickle.dumps(build))
+        # one copy of the model in the object store, whatever the actor count; its tensors' bytes out of band
+        shared = self.ray.put(shipping.pack(build, self.ray.cloudpickle))
         share = actor_resources(self.ray, options.workers)["num_gpus"]
         budget = GpuBudget(share=share if share > 0 else 1.0, driver_gpu=gpu_uuid(), driver_reserve=driver_reserve)
         self.actors = [actor.remote(prelude, shared, budget) for _ in range(int(options.workers))]
