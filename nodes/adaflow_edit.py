@@ -295,7 +295,7 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
     branches = sum(1 for key in ("positive", "negative") if guider.conds.get(key))
     progress = Progress(steps * frames)
 
-    pool = spread_pool(guider, state, options, seed) if first_step < steps else None
+    pool = spread_pool(guider, state, options, seed, progress.check) if first_step < steps else None
 
     def passes(step: int):
         sigma = float(sigmas[step])
@@ -335,15 +335,16 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
     return x
 
 
-def spread_pool(guider, state: dict, options: dict, seed):
+def spread_pool(guider, state: dict, options: dict, seed, check):
     """Ray actors for this run's propagation chunks when Spread Edit over GPUs asked for more than one, else None.
-    Without a keyframe plan every frame is a keyframe: one joint pass per step, nothing to spread."""
+    Without a keyframe plan every frame is a keyframe: one joint pass per step, nothing to spread. `check` raises
+    on Cancel."""
     scale = scale_options(options)
     editor = editor_for(state)
     if scale is None or editor.plan is None:
         return None
     plan = card_plan(guider.model_patcher, editor.inversion, editor.plan)  # this process's keyframe passes
-    return start_pool(scale, guider, options, seed, CONFIG_KEY, driver_peak=plan.gpu.peak_bytes)
+    return start_pool(scale, guider, options, seed, CONFIG_KEY, driver_peak=plan.gpu.peak_bytes, check=check)
 
 
 RESUME_LIMIT_BYTES = 64 * 2**30  # saved sampling states kept in all; the oldest other runs' go first

@@ -126,7 +126,7 @@ def stage_spread(options: ScaleOptions, build, method: str, stage: str, check):
     by `build`; the actors start with the first chunk and stop with the last. `check` raises on Cancel."""
 
     def spread(inputs_of, count: int):
-        pool = WorkerPool(options, build, comfy_prelude())
+        pool = WorkerPool(options, build, comfy_prelude(), check=check)
         try:
             yield from pool.map_chunks(method, count, inputs_of, check, stage)
         finally:
@@ -170,9 +170,9 @@ def comfy_prelude() -> Prelude:
 
 
 def start_pool(options: ScaleOptions, guider, model_options: dict, seed, config_key: str,
-               driver_peak: int = 0) -> WorkerPool:
+               driver_peak: int = 0, check=None) -> WorkerPool:
     """`driver_peak`: the sampling process's planned GPU peak; what it does not hold yet is kept free of actors
-    on its GPU."""
+    on its GPU. `check` raises on Cancel (also while the actors load)."""
     import functools
 
     import torch
@@ -180,7 +180,7 @@ def start_pool(options: ScaleOptions, guider, model_options: dict, seed, config_
     build = functools.partial(ChunkModel, guider.model_patcher, guider.conds, guider.cfg, model_options, seed,
                               config_key)
     held = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
-    return WorkerPool(options, build, comfy_prelude(), driver_reserve=max(0, int(driver_peak) - held))
+    return WorkerPool(options, build, comfy_prelude(), driver_reserve=max(0, int(driver_peak) - held), check=check)
 
 
 class SpreadOverGpus(io.ComfyNode):

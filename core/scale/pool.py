@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -303,10 +305,11 @@ def actor_resources(ray, workers: int) -> dict:
 
 class WorkerPool:
     def __init__(self, options: ScaleOptions, build: Callable[[], Any], prelude: Prelude = Prelude(),
-                 driver_reserve: int = 0):
+                 driver_reserve: int = 0, check: Callable[[], None] | None = None):
         """`build` is pickled here (by value where it must be; core/scale/shipping) and built in each actor after
         `prelude`.
-        `driver_reserve`: bytes this process still needs on its GPU (its keyframe passes), kept free of actors."""
+        `driver_reserve`: bytes this process still needs on its GPU (its keyframe passes), kept free of actors.
+        `check` raises on Cancel: it is called while the actors load, and stops them."""
         self.ray = connect(options)
         actor = self.ray.remote(max_restarts=0, max_task_retries=0, **actor_resources(self.ray, options.workers))(
             ChunkWorker)
@@ -316,16 +319,31 @@ class WorkerPool:
         budget = GpuBudget(share=share if share > 0 else 1.0, driver_gpu=gpu_uuid(), driver_reserve=driver_reserve)
         self.actors = [actor.remote(prelude, shared, budget) for _ in range(int(options.workers))]
         self.lost: list[int] = []
+        started = time.monotonic()
+        logging.info(f"LongEdit: starting {len(self.actors)} Ray actors, each loading the model once")
         try:
-            self.pids = self.ray.get([a.ready.remote() for a in self.actors])
-        except Exception as error:
+            self.pids = self.wait_for([a.ready.remote() for a in self.actors], check)
+        except BaseException as error:
             self.close()
-            raise LongEditError(f"The Ray workers could not load the model: {error}",
-                                "check the workers' log (ray logs) and that every node of the cluster has this "
-                                "ComfyUI and LongEdit at the same paths.") from error
+            if isinstance(error, self.ray.exceptions.RayError):
+                raise LongEditError(f"The Ray workers could not load the model: {error}",
+                                    "check the workers' log (ray logs) and that every node of the cluster has "
+                                    "this ComfyUI and LongEdit at the same paths.") from error
+            raise  # Cancel, or Ctrl-C
+        logging.info(f"LongEdit: {len(self.actors)} Ray actors ready in {time.monotonic() - started:.1f} s")
         self.host_groups = self.form_host_groups(options.transport)
         self.broken_hosts: set[str] = set()  # hosts whose group lost an actor: they read the object store
         self.receipts: list = []  # receive_records answers not read yet
+
+    def wait_for(self, refs: list, check: Callable[[], None] | None) -> list:
+        """ray.get(refs), calling `check` (Cancel) every POLL_S meanwhile: actors take seconds to minutes to load
+        a model."""
+        pending = list(refs)
+        while pending:
+            _, pending = self.ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            if check is not None:
+                check()
+        return self.ray.get(refs)
 
     def form_host_groups(self, transport: str) -> list[HostGroup | None]:
         """Each host's actors join a torch.distributed group for the records (core/scale/transport); a host whose

@@ -249,6 +249,53 @@ def test_cancel_stops_every_worker(cluster, problem):
             time.sleep(0.5)
 
 
+class SlowToLoad:
+    """A model that takes minutes to load (a large checkpoint shipped to a slow machine): says where it runs, then
+    sleeps."""
+
+    def __init__(self, folder: str):
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        time.sleep(120)
+
+
+def process_gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_cancel_while_the_workers_load_the_model_stops_them(cluster, tmp_path):
+    class Cancelled(Exception):
+        pass
+
+    def check():  # Cancel, pressed once both workers are loading
+        if len(os.listdir(tmp_path)) == 2:
+            raise Cancelled
+
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        WorkerPool(ScaleOptions(workers=2), functools.partial(SlowToLoad, str(tmp_path)), check=check)
+    assert time.monotonic() - started < 100, "Cancel waited for the model to load"
+    pids = [int(name) for name in os.listdir(tmp_path)]
+    assert len(pids) == 2 and all(process_gone_within(pid, 30) for pid in pids)
+
+
+class FailsToLoad:
+    def __init__(self):
+        raise FileNotFoundError("model.safetensors")
+
+
+def test_a_model_that_fails_to_load_in_the_workers_stops_with_a_clear_error(cluster):
+    with pytest.raises(LongEditError, match="(?s)could not load the model.*FileNotFoundError: model.safetensors") as caught:
+        WorkerPool(ScaleOptions(workers=2), FailsToLoad, check=lambda: None)
+    assert "same paths" in caught.value.fix
+
+
 # ------------------------------------------------------------------------------------- the inversion, spread
 def toy_eps(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Elementwise, so that a frame's walk does not depend on the chunk it is in."""
