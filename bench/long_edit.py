@@ -409,29 +409,32 @@ def spread_over(patched, gpus: int, result: dict, records_via: str, report_path:
 
         scale_node.ChunkModel = actor_memory.SnapshotChunkModel
 
-    start_pool = edit_node.start_pool
+    start_pool, finish_pool = edit_node.start_pool, edit_node.finish_pool
+
+    def capture(pool):
+        if pool.actors:
+            result["worker_gpu_peaks"] = pool.gpu_peaks()
+            result["worker_memory"] = pool.memory_reports()
+            with open(report_path, "w") as f:  # also when the run then fails (out of memory)
+                json.dump(result, f)
+            receipts = pool.record_receipts()
+            result["records_seen"] = sorted({r["via"] for r in receipts})
+            result["record_s"] = [r["seconds"] for r in receipts]
+        result["workers_lost"] = len(pool.lost)
 
     def timed_pool(*a, **k):
         t0 = time.perf_counter()
         pool = start_pool(*a, **k)
         result["pool_start_s"] = time.perf_counter() - t0
         close = pool.close
-
-        def close_with_peaks():
-            if pool.actors:
-                result["worker_gpu_peaks"] = pool.gpu_peaks()
-                result["worker_memory"] = pool.memory_reports()
-                with open(report_path, "w") as f:  # also when the run then fails (out of memory)
-                    json.dump(result, f)
-                receipts = pool.record_receipts()
-                result["records_seen"] = sorted({r["via"] for r in receipts})
-                result["record_s"] = [r["seconds"] for r in receipts]
-            result["workers_lost"] = len(pool.lost)
-            close()
-
-        pool.close = close_with_peaks
+        pool.close = lambda: capture(pool) or close()  # a failed run closes the pool
         return pool
 
+    def finished_pool(pool, completed):  # a completed run keeps it warm (nodes/scale.WARM_POOLS)
+        capture(pool)
+        finish_pool(pool, completed)
+
+    edit_node.finish_pool = finished_pool
     edit_node.start_pool = timed_pool
     result.update(gpus=gpus, records_via=records_via)
     return with_scale(patched, gpus, records_via=records_via)

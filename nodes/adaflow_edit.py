@@ -27,7 +27,7 @@ from .adaflow_invert import InversionType
 from .adaflow_keyframes import KeyframesType
 from .comfy_glue import Progress, card_memory, check_sd_unet, resume_dir, scratch_dir
 from ..core.scale.pool import dispatch_frames
-from .scale import records_payload, scale_options, start_pool
+from .scale import finish_pool, records_payload, scale_options, start_pool
 
 WRAPPER_KEY = "longedit_adaflow"
 SPANNED_CLIPS = 2  # clips one chunk of (sorted) frames spans, but for chunks longer than a clip
@@ -323,13 +323,15 @@ def sample_by_passes(guider, state: dict, noise, latent_image, sampler, sigmas, 
 
     if first_step and callback is not None:
         progress.update(first_step * frames)
+    completed = False
     try:
         spread = None if pool is None else (lambda step, groups, inputs: pool.denoise_chunks(
             step, records_payload(editor), groups, inputs, progress.check))
         x = euler_by_passes(x, sigmas, denoise, passes, on_pass, on_step, first_step=first_step, spread=spread)
+        completed = True
     finally:
         if pool is not None:
-            pool.close()
+            finish_pool(pool, completed)
     for rows in frame_blocks(frames):  # ComfyUI's output transforms, block by block in place: no second copy
         x[rows] = model.process_latent_out(model.model_sampling.inverse_noise_scaling(sigmas[-1], x[rows]))
     return x

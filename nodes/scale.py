@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.adaflow.records import KeyframeRecords
-from ..core.scale.pool import Prelude, ScaleOptions, WorkerPool, import_ray
+from ..core.scale.pool import Prelude, ScaleOptions, WarmPools, WorkerPool, import_ray
 from ..core.scale.transport import AUTO, TRANSPORTS
 
 SCALE_KEY = "longedit_scale"
@@ -122,15 +122,17 @@ class FeatureModel:
 
 
 def stage_spread(options: ScaleOptions, build, method: str, stage: str, check):
-    """A stage's `spread` (core: ddim_invert's, dift_feature_chunks'): its chunks run `method` on Ray actors built
-    by `build`; the actors start with the first chunk and stop with the last. `check` raises on Cancel."""
+    """A stage's `spread` (core: ddim_invert's, dift_feature_chunks'): its chunks run `method` on Ray actors that
+    load `build` with the first chunk and are kept warm after the last. `check` raises on Cancel."""
 
     def spread(inputs_of, count: int):
-        pool = WorkerPool(options, build, comfy_prelude(), check=check)
+        pool = acquire_pool(options, build, check=check)
+        completed = False
         try:
             yield from pool.map_chunks(method, count, inputs_of, check, stage)
+            completed = True
         finally:
-            pool.close()
+            finish_pool(pool, completed)
 
     return spread
 
@@ -180,7 +182,32 @@ def start_pool(options: ScaleOptions, guider, model_options: dict, seed, config_
     build = functools.partial(ChunkModel, guider.model_patcher, guider.conds, guider.cfg, model_options, seed,
                               config_key)
     held = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
-    return WorkerPool(options, build, comfy_prelude(), driver_reserve=max(0, int(driver_peak) - held), check=check)
+    return acquire_pool(options, build, driver_reserve=max(0, int(driver_peak) - held), check=check)
+
+
+# Pools whose stage completed stay up this long, holding no model, for the next stage or run (in one edit the
+# stages follow each other within seconds; re-queueing an edit with a new prompt reruns only the sampling).
+# Process-wide, as ComfyUI's loaded models are.
+WARM_IDLE_S = 180
+WARM_POOLS = WarmPools(WARM_IDLE_S)
+
+
+def acquire_pool(options: ScaleOptions, build, driver_reserve: int = 0, check=None) -> WorkerPool:
+    """Actors holding `build`'s model: a warm pool's when one has these options, else new ones."""
+    prelude = comfy_prelude()
+    pool = WARM_POOLS.take(options, prelude)
+    if pool is None:
+        return WorkerPool(options, build, prelude, driver_reserve, check)
+    pool.load(build, driver_reserve, check)
+    return pool
+
+
+def finish_pool(pool: WorkerPool, completed: bool) -> None:
+    """After a stage: the actors are kept warm when it completed; stopped after Cancel or a failure."""
+    if completed:
+        WARM_POOLS.keep(pool)
+    else:
+        pool.close()
 
 
 class SpreadOverGpus(io.ComfyNode):

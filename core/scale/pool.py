@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -175,16 +176,33 @@ def gpu_uuid() -> str | None:
 
 
 class ChunkWorker:
-    """The body of one Ray actor: the host's model, built once, and the latest step's records."""
+    """The body of one Ray actor: a stage's model (loaded per stage, `load`; dropped between stages, `unload`, so
+    that a warm actor holds no GPU memory but its CUDA context) and the latest step's records."""
 
-    def __init__(self, prelude: Prelude, build: tuple[bytes, list], budget: GpuBudget = GpuBudget()):
-        """`build`: shipping.pack's pair, unpacked only after `prelude` (it imports ComfyUI's modules)."""
-        cap = keep_to_gpu_budget(budget) if torch.cuda.is_available() else None
+    def __init__(self, prelude: Prelude):
         prelude.run()
-        self.model = shipping.unpack(build)()
+        self.real_mem_get_info = torch.cuda.mem_get_info if torch.cuda.is_available() else None
+        self.model = None
         self.step = None
         self.receiver = RecordReceiver()
+        self.memory = MemoryLog(None)
+
+    def load(self, build: tuple[bytes, list], budget: GpuBudget = GpuBudget()) -> int:
+        """Build a stage's model from shipping.pack's pair (unpacked after the prelude: it imports ComfyUI's
+        modules), within this stage's GPU budget; returns the process id."""
+        self.unload()
+        cap = keep_to_gpu_budget(budget, self.real_mem_get_info) if torch.cuda.is_available() else None
+        self.model = shipping.unpack(build)()
         self.memory = MemoryLog(cap)
+        return os.getpid()
+
+    def unload(self) -> bool:
+        """Drop the model and its records; give the GPU memory back. Returns whether a model was held."""
+        held = self.model is not None
+        self.model, self.step = None, None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return held
 
     def ready(self) -> int:
         return os.getpid()
@@ -271,17 +289,21 @@ class MemoryLog:
                 del self.chunks[self.KEEP]
 
 
-def keep_to_gpu_budget(budget: GpuBudget) -> int | None:
+def keep_to_gpu_budget(budget: GpuBudget, real_mem_get_info=None) -> int | None:
     """Cap this actor's allocations at its budget, and make it see free memory within it (hosts size their chunks
     from free memory; two processes reading the same free figure at once would both take it). Returns the cap
-    (None: a GPU of its own)."""
+    (None: a GPU of its own). `real_mem_get_info`: CUDA's own, for a stage after the first (the cap is set again
+    from what is free now)."""
+    real = real_mem_get_info or torch.cuda.mem_get_info
     reserve = budget.driver_reserve if budget.driver_gpu is not None and budget.driver_gpu == gpu_uuid() else 0
     if budget.share >= 1 and reserve == 0:
+        if torch.cuda.mem_get_info is not real:  # an earlier stage's cap
+            torch.cuda.mem_get_info = real
+            torch.cuda.set_per_process_memory_fraction(1.0)
         return None  # a GPU of its own
-    free, total = torch.cuda.mem_get_info()
+    free, total = real()
     cap = actor_gpu_cap(free, budget.share, reserve)
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-    real = torch.cuda.mem_get_info
 
     def mem_get_info(device=None):
         free, _ = real(device)
@@ -304,25 +326,35 @@ def actor_resources(ray, workers: int) -> dict:
 
 
 class WorkerPool:
-    def __init__(self, options: ScaleOptions, build: Callable[[], Any], prelude: Prelude = Prelude(),
+    def __init__(self, options: ScaleOptions, build: Callable[[], Any] | None = None, prelude: Prelude = Prelude(),
                  driver_reserve: int = 0, check: Callable[[], None] | None = None):
-        """`build` is pickled here (by value where it must be; core/scale/shipping) and built in each actor after
-        `prelude`.
-        `driver_reserve`: bytes this process still needs on its GPU (its keyframe passes), kept free of actors.
-        `check` raises on Cancel: it is called while the actors load, and stops them."""
+        """Start `options.workers` actors, each running `prelude` (ComfyUI's command line), and `load` `build` into
+        them when given."""
         self.ray = connect(options)
+        self.options, self.prelude = options, prelude
         actor = self.ray.remote(max_restarts=0, max_task_retries=0, **actor_resources(self.ray, options.workers))(
             ChunkWorker)
-        # one copy of the model in the object store, whatever the actor count; its tensors' bytes out of band
-        shared = self.ray.put(shipping.pack(build, self.ray.cloudpickle))
-        share = actor_resources(self.ray, options.workers)["num_gpus"]
-        budget = GpuBudget(share=share if share > 0 else 1.0, driver_gpu=gpu_uuid(), driver_reserve=driver_reserve)
-        self.actors = [actor.remote(prelude, shared, budget) for _ in range(int(options.workers))]
+        self.actors = [actor.remote(prelude) for _ in range(int(options.workers))]
         self.lost: list[int] = []
+        self.pids: list[int] = []
+        self.host_groups: list[HostGroup | None] | None = None  # formed once the actors have loaded a model
+        self.broken_hosts: set[str] = set()  # hosts whose group lost an actor: they read the object store
+        self.receipts: list = []  # receive_records answers not read yet
+        if build is not None:
+            self.load(build, driver_reserve, check)
+
+    def load(self, build: Callable[[], Any], driver_reserve: int = 0, check: Callable[[], None] | None = None):
+        """Build a stage's model in every actor, replacing the previous stage's. `build` is pickled here (by value
+        where it must be), once whatever the actor count, its tensors' bytes out of band (core/scale/shipping).
+        `driver_reserve`: bytes this process still needs on its GPU (its keyframe passes), kept free of actors.
+        `check` raises on Cancel: it is called while the actors load, and stops them."""
+        shared = self.ray.put(shipping.pack(build, self.ray.cloudpickle))
+        share = actor_resources(self.ray, self.options.workers)["num_gpus"]
+        budget = GpuBudget(share=share if share > 0 else 1.0, driver_gpu=gpu_uuid(), driver_reserve=driver_reserve)
         started = time.monotonic()
-        logging.info(f"LongEdit: starting {len(self.actors)} Ray actors, each loading the model once")
+        logging.info(f"LongEdit: {len(self.actors)} Ray actors are loading the model")
         try:
-            self.pids = self.wait_for([a.ready.remote() for a in self.actors], check)
+            self.pids = self.wait_for([a.load.remote(shared, budget) for a in self.actors], check)
         except BaseException as error:
             self.close()
             if isinstance(error, self.ray.exceptions.RayError):
@@ -331,9 +363,26 @@ class WorkerPool:
                                     "this ComfyUI and LongEdit at the same paths.") from error
             raise  # Cancel, or Ctrl-C
         logging.info(f"LongEdit: {len(self.actors)} Ray actors ready in {time.monotonic() - started:.1f} s")
-        self.host_groups = self.form_host_groups(options.transport)
-        self.broken_hosts: set[str] = set()  # hosts whose group lost an actor: they read the object store
-        self.receipts: list = []  # receive_records answers not read yet
+        self.receipts = []
+        if self.host_groups is None:
+            self.host_groups = self.form_host_groups(self.options.transport)
+
+    def unload(self) -> bool:
+        """Every actor drops its model (between stages: they stay up holding no GPU memory but their CUDA
+        contexts). False if an actor is gone or does not answer."""
+        try:
+            self.ray.get([a.unload.remote() for a in self.actors], timeout=COLLECTIVE_TIMEOUT_S)
+        except Exception:
+            return False
+        return bool(self.actors)
+
+    def answers(self, timeout: float = 30) -> bool:
+        """Whether every actor is up and answering (a warm pool's, before it is used again)."""
+        try:
+            return bool(self.actors) and len(self.ray.get([a.ready.remote() for a in self.actors],
+                                                           timeout=timeout)) == len(self.actors)
+        except Exception:
+            return False
 
     def wait_for(self, refs: list, check: Callable[[], None] | None) -> list:
         """ray.get(refs), calling `check` (Cancel) every POLL_S meanwhile: actors take seconds to minutes to load
@@ -453,3 +502,59 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 self.ray.kill(actor, no_restart=True)
         self.actors = []  # `lost` stays: which actors died during the run
+
+
+class WarmPools:
+    """Pools kept between stages and runs, their actors up but holding no model, for `idle_s` seconds: the next
+    stage with the same options and command line loads its model into running actors instead of starting new
+    ones (a process, ComfyUI's import, a CUDA context each: ~10 s on one H200). One pool per key; after `idle_s`
+    unused, its actors stop."""
+
+    def __init__(self, idle_s: float):
+        self.idle_s = idle_s
+        self.kept: dict = {}  # (options, prelude) -> (pool, its stop timer)
+        self.lock = threading.Lock()
+
+    def take(self, options: ScaleOptions, prelude: Prelude) -> WorkerPool | None:
+        """The warm pool for these options, if its actors all still answer (else it is stopped): no longer kept."""
+        with self.lock:
+            entry = self.kept.pop((options, prelude), None)
+        if entry is None:
+            return None
+        pool, timer = entry
+        timer.cancel()
+        if pool.answers():
+            return pool
+        pool.close()
+        return None
+
+    def keep(self, pool: WorkerPool) -> None:
+        """After a completed stage: the actors drop their model and wait for the next stage. A pool whose actors
+        do not all unload (one was lost) is stopped instead."""
+        if not pool.unload():
+            pool.close()
+            return
+        key = (pool.options, pool.prelude)
+        timer = threading.Timer(self.idle_s, self.expire, args=(key, pool))
+        timer.daemon = True
+        with self.lock:
+            old = self.kept.pop(key, None)
+            self.kept[key] = (pool, timer)
+        if old is not None:
+            old[1].cancel()
+            old[0].close()
+        timer.start()
+
+    def expire(self, key, pool: WorkerPool) -> None:
+        with self.lock:
+            if self.kept.get(key, (None,))[0] is not pool:
+                return  # taken (or replaced) meanwhile
+            del self.kept[key]
+        pool.close()
+
+    def close_all(self) -> None:
+        with self.lock:
+            entries, self.kept = list(self.kept.values()), {}
+        for pool, timer in entries:
+            timer.cancel()
+            pool.close()

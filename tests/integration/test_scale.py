@@ -2,9 +2,10 @@
 workers, each holding the patched model (unpickled once), gives the one-process output bit for bit: the
 workers run the very chunks the one process runs, on the same device and dtype; AdaFlow Invert on a MODEL
 with the spread option inverts its chunks on the workers, bit for bit the one-process inversion, and Keyframe
-Selection's DIFT features come from the workers, giving the one-process plan. Also with a
-worker killed in the middle of a step (its chunks rerun on the other), and Cancel stops every worker. (Every
-worker lost: tests/unit/test_scale_ray.py.)
+Selection's DIFT features come from the workers, giving the one-process plan. The stages run in the same
+workers, kept warm between them without the last stage's model. Also with a worker killed in the middle of a
+step (its chunks rerun on the other; that pool is then stopped, not kept), and Cancel stops every worker.
+(Every worker lost: tests/unit/test_scale_ray.py.)
 
 Runs ComfyUI in-process (COMFYUI_VENV's Python, with Ray) on the CPU with a small random-weight SD2.x UNet
 of the real architecture, 19 frames in 3 clips, non-keyframes in chunks of 2 frames (the one process and the
@@ -48,16 +49,22 @@ positive = [[torch.randn(1, 77, 64), {}]]
 # AdaFlow Invert on a MODEL with the spread option: chunks of frames walk the inversion grid on 2 workers, each
 # holding the model; the one-process inversion's trajectory and start latents, bit for bit (same 2-frame chunks)
 invert_node.frames_per_chunk = lambda *a: CHUNK
-started = {}
-pool_class = scale_node.WorkerPool
-scale_node.WorkerPool = lambda *a, **k: started.setdefault("pool", pool_class(*a, **k))
+used, acquire = [], scale_node.acquire_pool
+scale_node.acquire_pool = lambda *a, **k: used.append(acquire(*a, **k)) or used[-1]  # every stage's pool
+warm = scale_node.WARM_POOLS
+
+
+def kept_without_model(pool):  # kept warm after its stage: actors up, each having dropped its model
+    return any(p is pool for p, _ in warm.kept.values()) and len(pool.actors) == 2 and \
+        ray.get([a.unload.remote() for a in pool.actors]) == [False, False]
+
+
 spread_model = scale_node.SpreadOverGpus.execute(model, 2, "").args[0]
 spread_start, spread_inv = invert_node.AdaFlowInvert.execute(
     spread_model, {"samples": latents}, [[empty, {}]], STEPS, "ddim_uniform", inversion_steps=STEPS).args
-scale_node.WorkerPool = pool_class
 one_start, one_inv = invert_node.AdaFlowInvert.execute(model, {"samples": latents}, [[empty, {}]], STEPS,
                                                        "ddim_uniform", inversion_steps=STEPS).args
-assert "pool" in started and len(set(started["pool"].pids)) == 2 and started["pool"].actors == []
+assert len(used) == 1 and len(set(used[0].pids)) == 2 and kept_without_model(used[0])
 assert torch.equal(spread_start["samples"], one_start["samples"])
 assert (spread_inv.trajectory == one_inv.trajectory).all() and spread_inv.trajectory.shape[1] == FRAMES
 print("the inversion on 2 workers == 1 process, bit for bit")
@@ -65,32 +72,34 @@ print("the inversion on 2 workers == 1 process, bit for bit")
 # AdaFlow Keyframe Selection on that MODEL: the DIFT features of chunks of frames come from the workers, in frame
 # order; the same plan (clips, candidates, correspondences, AAS scores) as in one process
 keys_node.frames_per_chunk = lambda *a: CHUNK
-started.clear()
-scale_node.WorkerPool = lambda *a, **k: started.setdefault("pool", pool_class(*a, **k))
 spread_plan = keys_node.AdaFlowKeyframeSelection.execute(spread_model, 0.0, 0.0, 7, 50, 1, 3, 1,
                                                          latent={"samples": latents}).args[0]
-scale_node.WorkerPool = pool_class
 one_plan = keys_node.AdaFlowKeyframeSelection.execute(model, 0.0, 0.0, 7, 50, 1, 3, 1,
                                                       latent={"samples": latents}).args[0]
-assert "pool" in started and started["pool"].actors == []
+assert len(used) == 2 and used[1] is used[0] and kept_without_model(used[0])  # the inversion's warm workers
 assert (spread_plan.clip_starts == one_plan.clip_starts).all() and (spread_plan.candidates == one_plan.candidates).all()
 assert all((a == b).all() for a, b in zip(spread_plan.matches, one_plan.matches))
 assert (spread_plan.aas_scores == one_plan.aas_scores).all() and spread_plan.clip_count == 3
-print("keyframe selection's features on 2 workers: the one-process plan")
+print("keyframe selection's features on 2 workers: the one-process plan, in the inversion's workers, kept warm")
 
 pools, hooks, receipts = [], {}, []
 start_pool = edit_node.start_pool
 
 
-def started_pool(*a, **k):  # every pool of the run, and how its workers got each step's record
-    pool = start_pool(*a, **k)
-    close = pool.close
-    pool.close = lambda: receipts.extend(pool.record_receipts()) or close()
-    pools.append(pool)
-    return pool
+def started_pool(*a, **k):  # every sampling pool
+    pools.append(start_pool(*a, **k))
+    return pools[-1]
 
 
-edit_node.start_pool = started_pool
+finish_pool = edit_node.finish_pool
+
+
+def finished_pool(pool, completed):  # how its workers got each step's record
+    receipts.extend(pool.record_receipts())
+    finish_pool(pool, completed)
+
+
+edit_node.start_pool, edit_node.finish_pool = started_pool, finished_pool
 payload = edit_node.records_payload
 
 
@@ -121,7 +130,8 @@ hooks["do"] = lambda pool: os.kill(pool.pids[0], signal.SIGKILL)  # a worker die
 two = sample(2)
 pool = pools[-1]
 assert len(pools) == 1 and len(set(pool.pids)) == 2 and os.getpid() not in pool.pids
-assert pool.actors == [], "the workers outlived the run"
+assert pool is used[0], "sampling did not use the warm workers of the stages before"
+assert pool.actors == [] and not warm.kept, "workers that lost one were kept"
 assert "do" not in hooks and pool.lost == [0], pool.lost
 assert torch.equal(two, one), (two - one).abs().max()
 print(f"2 workers == 1 process, bit for bit ({FRAMES} frames, {STEPS} steps, |x| max {one.abs().max():.3g}), with "
@@ -131,7 +141,7 @@ assert [r["via"] for r in receipts] == ["object store"] * 3, receipts  # CPU wor
 # the record broadcast among the workers over torch.distributed (gloo: CPU workers) gives the same output
 receipts.clear()
 three = sample(2, "torch.distributed")
-assert len(pools) == 2 and pools[-1].actors == [] and not pools[-1].lost
+assert len(pools) == 2 and pools[-1] is not pool and kept_without_model(pools[-1]) and not pools[-1].lost
 assert sorted((r["step"], r["via"]) for r in receipts) == [(0, "gloo"), (0, "gloo"), (1, "gloo"), (1, "gloo")]
 assert torch.equal(three, one), (three - one).abs().max()
 print("2 workers, records broadcast over gloo == 1 process, bit for bit")
@@ -157,6 +167,7 @@ for actor in hooks["actors"]:
     except ray.exceptions.RayActorError:
         continue
     raise AssertionError("a worker still runs after Cancel")
+assert len(pools) == 3 and pools[-1] is pools[-2] and not warm.kept  # the gloo pool, warm, then stopped
 print("Cancel: every worker stopped")
 
 print("OK")

@@ -56,3 +56,17 @@ def test_the_measured_out_of_memory_run_now_fits():
     total, held = 139.8 * GIB, 20.4 * GIB
     cap = pool.actor_gpu_cap(free=total - held, share=0.5, reserve=max(0, int(16.9 * GIB - held)))
     assert held + 2 * (cap + GIB) < total - GIB
+
+
+def test_each_stage_of_a_warm_actor_sets_its_cap_again_from_what_is_free_now(fake_gpu):
+    """A warm actor loads one stage's model after another (WarmPools): each stage's budget is applied to CUDA's
+    own free figure, not to the previous stage's capped one, and a GPU of its own lifts the cap."""
+    real = torch.cuda.mem_get_info  # the fake GPU: 100 GiB free of 140
+    first = pool.keep_to_gpu_budget(pool.GpuBudget(share=0.5), real)
+    second = pool.keep_to_gpu_budget(pool.GpuBudget(share=0.5, driver_gpu="GPU-this", driver_reserve=20 * GIB), real)
+    assert first == int(pool.ACTOR_HEADROOM * 0.5 * 100 * GIB)
+    assert second == int(pool.ACTOR_HEADROOM * 0.5 * 80 * GIB)
+    assert fake_gpu["fraction"] == pytest.approx(second / (140 * GIB))
+    assert torch.cuda.mem_get_info() == (second - 3 * GIB, second)
+    assert pool.keep_to_gpu_budget(pool.GpuBudget(share=1.0), real) is None
+    assert torch.cuda.mem_get_info is real and fake_gpu["fraction"] == 1.0

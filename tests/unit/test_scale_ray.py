@@ -21,7 +21,7 @@ else:
 
 from longedit.core.errors import LongEditError
 from longedit.core.adaflow.sampling import euler_by_passes, passes_of_step
-from longedit.core.scale.pool import ScaleOptions, WorkerPool, connect
+from longedit.core.scale.pool import Prelude, ScaleOptions, WarmPools, WorkerPool, connect
 from longedit.core.scale.transport import AUTO, COLLECTIVE, FELL_BACK, OBJECT_STORE
 
 CLIP_STARTS = np.array([0, 5, 11, 12, 19, 23])  # 5 clips of odd sizes (one of a single frame), 23 frames
@@ -351,6 +351,77 @@ def test_the_inversion_stops_with_a_clear_error_when_every_worker_is_lost(cluste
     with pytest.raises(LongEditError, match="All 1 Ray workers were lost during the inversion"):
         invert(latents, pool)
     assert pool.actors == []
+
+
+# ------------------------------------------------------------------------------- warm pools, between stages
+def held_models(pool) -> list[bool]:
+    """Whether each actor holds a model (asking drops it: call last)."""
+    return ray.get([a.unload.remote() for a in pool.actors])
+
+
+def test_a_kept_pool_runs_the_next_stage_in_the_same_workers_without_the_last_stage_model(cluster, problem):
+    weights, x0, sigmas = problem
+    warm = WarmPools(idle_s=120)
+    options = ScaleOptions(workers=2)
+    try:
+        pool = WorkerPool(options, functools.partial(ToyModel, weights))
+        pids = list(pool.pids)
+        assert torch.equal(sample(ToyModel(weights), x0, sigmas, pool), sample(ToyModel(weights), x0, sigmas))
+        warm.keep(pool)
+        assert warm.take(ScaleOptions(workers=2, transport=OBJECT_STORE), Prelude()) is None  # other options
+        assert warm.take(ScaleOptions(workers=3), Prelude()) is None
+        assert warm.take(options, Prelude(argv=("main.py", "--cpu"))) is None  # another command line
+        taken = warm.take(options, Prelude())
+        assert taken is pool and warm.take(options, Prelude()) is None  # taken: no longer kept
+        assert held_models(taken) == [False, False]  # the sampling model was dropped when kept
+        latents = torch.from_numpy(np.random.default_rng(4).normal(size=(FRAMES, 3, 5)).astype(np.float32))
+        taken.load(ToyInverter)  # the next stage, in the same processes
+        assert taken.pids == pids
+        spread, one = invert(latents, taken), invert(latents)
+        assert np.array_equal(spread.trajectory, one.trajectory) and np.array_equal(spread.start, one.start)
+        # and a sampling stage again after it: a stage's records do not outlive it
+        taken.load(functools.partial(ToyModel, weights))
+        assert torch.equal(sample(ToyModel(weights), x0, sigmas, taken), sample(ToyModel(weights), x0, sigmas))
+        assert taken.pids == pids and held_models(taken) == [True, True]
+    finally:
+        warm.close_all()
+        pool.close()
+
+
+def test_a_warm_pool_stops_after_its_idle_time(cluster):
+    warm = WarmPools(idle_s=1.0)
+    pool = WorkerPool(ScaleOptions(workers=2), ToyFeaturizer)
+    pids = list(pool.pids)
+    warm.keep(pool)
+    assert all(process_gone_within(pid, 30) for pid in pids)
+    assert pool.actors == [] and warm.take(ScaleOptions(workers=2), Prelude()) is None
+
+
+def test_a_pool_that_lost_a_worker_is_stopped_not_kept(cluster, problem, tmp_path):
+    weights, x0, sigmas = problem
+    warm = WarmPools(idle_s=120)
+    kill = {"step": 1, "frame": int(np.setdiff1d(np.arange(FRAMES), keyframes_of(1))[3]),
+            "marker": str(tmp_path / "killed")}
+    pool = WorkerPool(ScaleOptions(workers=2), functools.partial(ToyModel, weights, kill))
+    pids = list(pool.pids)
+    sample(ToyModel(weights), x0, sigmas, pool)
+    assert len(pool.lost) == 1
+    warm.keep(pool)
+    assert pool.actors == [] and warm.take(ScaleOptions(workers=2), Prelude()) is None
+    assert all(process_gone_within(pid, 30) for pid in pids)  # the survivor too
+
+
+def test_a_warm_pool_whose_worker_died_meanwhile_is_not_used(cluster):
+    import signal
+
+    warm = WarmPools(idle_s=120)
+    pool = WorkerPool(ScaleOptions(workers=2), ToyFeaturizer)
+    pids = list(pool.pids)
+    warm.keep(pool)
+    os.kill(pids[1], signal.SIGKILL)  # e.g. the machine's OOM killer, while the pool waited
+    assert process_gone_within(pids[1], 30)
+    assert warm.take(ScaleOptions(workers=2), Prelude()) is None
+    assert pool.actors == [] and process_gone_within(pids[0], 30)
 
 
 # ------------------------------------------------------------------------- keyframe selection's features, spread
