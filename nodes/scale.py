@@ -222,7 +222,8 @@ class SpreadOverGpus(io.ComfyNode):
                 "then the other frames' chunks run on Ray actors, one per GPU, each holding this model once; the "
                 "results come back in frame order. On the MODEL that AdaFlow Keyframe Selection and Invert take, it "
                 "spreads their chunks of frames (DIFT features, inversion) over the actors too. The output is the "
-                "one-GPU output. Needs Ray "
+                "one-GPU output. After a stage the actors stay up for 3 minutes without the model, so the next "
+                "stage or run starts in seconds; after Cancel or an error they stop. Needs Ray "
                 "(pip install longedit[ray]) and, for sampling, a keyframe plan (AdaFlow Keyframe Selection)."),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL patched by AdaFlow Keyframe Editing (and Latent "
