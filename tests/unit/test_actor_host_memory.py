@@ -6,10 +6,11 @@ once the actor's setting is made."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 READS = 10
 SCRIPT = r'''
