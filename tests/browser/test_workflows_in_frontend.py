@@ -219,7 +219,7 @@ def needs_wan_text_encoder(path) -> bool:
 def test_workflow_runs_from_the_page(comfy_page, models_freed_after, path, tmp_path):
     if needs_wan_text_encoder(path) and os.environ.get(HEAVY) != "1":
         pytest.skip(f"{path.name} loads the 5.7 GB random umt5-xxl and runs 4-14 min on a 2-core CPU; set {HEAVY}=1 "
-                    "to run it (kept out of the default run so CI stays under 20 minutes)")
+                    "to run it (kept out of the default run so CI stays under 45 minutes)")
     load_checked(comfy_page, path)
     comfy_page.close_dialogs()
 

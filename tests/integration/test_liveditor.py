@@ -263,7 +263,7 @@ def test_liveditor_workflow_runs(comfy):
     graph's umt5-xxl text encoder is a 5.7 GB random stand-in and the server peaks at ~12 GiB."""
     if os.environ.get("LONGEDIT_HEAVY_TESTS") != "1":
         pytest.skip("the LIVEditor workflow run loads a 5.7 GB random umt5-xxl and takes minutes on a 2-core CPU; "
-                    "set LONGEDIT_HEAVY_TESTS=1 to run it (kept out of the default run so CI stays under 20 minutes)")
+                    "set LONGEDIT_HEAVY_TESTS=1 to run it (kept out of the default run so CI stays under 45 minutes)")
     from longedit.core.video.sample import write_sample_video
     from longedit.core.video.source import probe_video
     # the Wan graph's helpers (pytest imports test modules by path: --import-mode=importlib)

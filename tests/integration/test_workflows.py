@@ -216,7 +216,7 @@ def test_isa_wan_workflow_runs(comfy):
     Opt-in (LONGEDIT_HEAVY_TESTS=1): writing the stand-ins and the run take minutes, and CI stays under 20."""
     if os.environ.get("LONGEDIT_HEAVY_TESTS") != "1":
         pytest.skip("the Wan workflow run writes/loads a 5.7 GB random umt5-xxl and takes minutes on a 2-core CPU; "
-                    "set LONGEDIT_HEAVY_TESTS=1 to run it (kept out of the default run so CI stays under 20 minutes)")
+                    "set LONGEDIT_HEAVY_TESTS=1 to run it (kept out of the default run so CI stays under 45 minutes)")
     ensure_wan_models(Path(os.environ["COMFYUI_PATH"]))
     comfy.post("/free", {"unload_models": True, "free_memory": True})  # drop the SD2.1 runs' models first
     time.sleep(3)
