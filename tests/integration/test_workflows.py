@@ -213,7 +213,7 @@ def test_isa_wan_workflow_runs(comfy):
     """One latent frame of 16x16 (128x128 px), 2 steps. The umt5-xxl encoder pads every prompt to 512 tokens
     (~3 min on 2 CPU cores), so the negative prompt is given the positive text: ComfyUI's cache then encodes
     once. Loading the 5.7 GB fp8 encoder holds it twice for a moment: the server peaks at ~12 GiB.
-    Opt-in (LONGEDIT_HEAVY_TESTS=1): writing the stand-ins and the run take minutes, and CI stays under 20."""
+    Opt-in (LONGEDIT_HEAVY_TESTS=1): writing the stand-ins and the run take minutes, and CI stays under 45 minutes."""
     if os.environ.get("LONGEDIT_HEAVY_TESTS") != "1":
         pytest.skip("the Wan workflow run writes/loads a 5.7 GB random umt5-xxl and takes minutes on a 2-core CPU; "
                     "set LONGEDIT_HEAVY_TESTS=1 to run it (kept out of the default run so CI stays under 45 minutes)")
